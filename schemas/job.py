@@ -1,0 +1,131 @@
+"""The job record (design.md, "The job table") and its flat string encoding.
+
+Redis stores every field as a string: integers as decimal, moments as Unix epoch
+milliseconds (compact, and directly usable as sorted-set scores inside Lua)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict
+
+from schemas.status import JobStatus
+
+INT_FIELDS = frozenset({
+    "post_id", "attachment_id", "image_width", "image_height", "price_cents", "cost_cents",
+    "credits", "markup_percent", "refund_amount_cents", "attempts",
+})
+TIME_FIELDS = frozenset({
+    "created_at", "updated_at", "paid_at", "processing_started_at", "completed_at", "failed_at",
+    "refunded_at", "download_expires_at", "download_expired_at", "payment_failed_at",
+})
+# Fields the table manages itself; update() refuses them (status moves only through
+# transition(), tokens only through issue_download_token()).
+MANAGED_FIELDS = frozenset({
+    "job_id", "request_id", "status", "created_at", "updated_at", "download_token_hash", "download_token_hashes",
+})
+# Never shown outside the table's own process: not on topics, not in logs.
+SECRET_FIELDS = frozenset({"email", "download_token_hash", "download_token_hashes", "callback_token_hash"})
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    job_id: str
+    status: JobStatus
+    request_id: str | None = None
+    image_url: str
+    resolution: str
+    email: str | None = None
+    post_id: int | None = None
+    attachment_id: int | None = None
+    image_width: int
+    image_height: int
+    success_url: str | None = None
+    cancel_url: str | None = None
+    upsampler_job_id: str | None = None
+    callback_token_hash: str | None = None
+    upscaled_url: str | None = None
+    upscaled_file_path: str | None = None
+    stripe_checkout_session_id: str | None = None
+    checkout_url: str | None = None
+    stripe_payment_intent_id: str | None = None
+    payment_status: str | None = None
+    price_cents: int | None = None
+    cost_cents: int | None = None
+    credits: int | None = None
+    markup_percent: int | None = None
+    download_token_hash: str | None = None
+    download_expires_at: datetime | None = None
+    download_expired_at: datetime | None = None
+    paid_at: datetime | None = None
+    payment_failed_at: datetime | None = None
+    processing_started_at: datetime | None = None
+    completed_at: datetime | None = None
+    failed_at: datetime | None = None
+    failure_reason: str | None = None
+    refund_id: str | None = None
+    refund_amount_cents: int | None = None
+    refunded_at: datetime | None = None
+    attempts: int = 0
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_redis(cls, raw: Mapping[Any, Any]) -> "Job":
+        return cls.model_validate(decode_fields(raw))
+
+    def public_view(self) -> dict[str, Any]:
+        """What anyone holding the job id may see (GET /jobs/{id})."""
+        return {"job_id": self.job_id, "status": self.status.value, "resolution": self.resolution,
+                "created_at": self.created_at.isoformat()}
+
+    def redacted(self) -> dict[str, Any]:
+        """Everything but the secrets, for operators (admin API, CLI, logs)."""
+        data = self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+        data["has_email"] = self.email is not None
+        return data
+
+
+def to_ms(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: pass an aware UTC moment")
+    return int(moment.timestamp() * 1000)
+
+
+def from_ms(ms: int | str) -> datetime:
+    return datetime.fromtimestamp(int(ms) / 1000, UTC)
+
+
+def encode_value(name: str, value: Any) -> str:
+    if name in TIME_FIELDS and isinstance(value, datetime):
+        return str(to_ms(value))
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: booleans are not stored")
+    if name in INT_FIELDS:
+        if type(value) is not int:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        return str(value)
+    if hasattr(value, "value"):  # enums
+        return str(value.value)
+    return str(value)
+
+
+def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
+    """None means "no value"; callers that want to clear a field pass it to clear=."""
+    return {k: encode_value(k, v) for k, v in fields.items() if v is not None}
+
+
+def decode_fields(raw: Mapping[Any, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = k.decode() if isinstance(k, bytes) else k
+        val = v.decode() if isinstance(v, bytes) else v
+        if key in TIME_FIELDS:
+            out[key] = from_ms(val)
+        elif key in INT_FIELDS:
+            out[key] = int(val)
+        else:
+            out[key] = val
+    return out

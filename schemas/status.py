@@ -1,0 +1,89 @@
+"""Job statuses and the transition table: the one place that says who may move a
+job from which status to which (design.md, "Statuses and transitions")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    # A job is created by checkout just before its Stripe session exists; it is
+    # "new" only for that moment (the "(new)" row of the design's table).
+    NEW = "new"
+    AWAITING_PAYMENT = "awaiting_payment"
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+
+
+class Stage(StrEnum):
+    CHECKOUT = "checkout"
+    PROCESSOR = "processor"
+    NOTIFIER = "notifier"
+    JANITOR = "janitor"
+    GATEWAY = "gateway"
+
+
+@dataclass(frozen=True)
+class Transition:
+    source: JobStatus
+    target: JobStatus
+    owner: Stage
+    trigger: str
+
+
+S = JobStatus
+TRANSITIONS: tuple[Transition, ...] = (
+    Transition(S.NEW, S.AWAITING_PAYMENT, Stage.CHECKOUT, "valid jobs.requested; Stripe session created"),
+    Transition(S.AWAITING_PAYMENT, S.PENDING, Stage.CHECKOUT, "checkout.session.completed (paid) or async_payment_succeeded"),
+    Transition(S.ABANDONED, S.PENDING, Stage.CHECKOUT, "late payment after abandonment: honour it"),
+    Transition(S.AWAITING_PAYMENT, S.ABANDONED, Stage.JANITOR, "payment deadline passed or checkout.session.expired"),
+    Transition(S.PENDING, S.PROCESSING, Stage.PROCESSOR, "submitted to the upscaler"),
+    Transition(S.FAILED, S.PROCESSING, Stage.PROCESSOR, "operator retry (jobs.commands)"),
+    Transition(S.PROCESSING, S.COMPLETED, Stage.PROCESSOR, "result stored under STORAGE_DIR"),
+    Transition(S.PENDING, S.FAILED, Stage.PROCESSOR, "permanent error before submission"),
+    Transition(S.PROCESSING, S.FAILED, Stage.PROCESSOR, "permanent error, retries exhausted, or upscaler timeout"),
+)
+del S
+
+_BY_PAIR: dict[tuple[JobStatus, JobStatus], Transition] = {(t.source, t.target): t for t in TRANSITIONS}
+
+
+class TransitionNotAllowed(ValueError):
+    """A (from, to) pair that the table does not have, or a stage that does not own it."""
+
+
+def find_transition(source: JobStatus, target: JobStatus) -> Transition | None:
+    return _BY_PAIR.get((source, target))
+
+
+def sources_of(target: JobStatus, owner: Stage) -> frozenset[JobStatus]:
+    """The statuses from which ``owner`` may move a job to ``target``."""
+    return frozenset(t.source for t in TRANSITIONS if t.target == target and t.owner == owner)
+
+
+def owner_of(target: JobStatus) -> Stage:
+    """Every target status has exactly one owning stage (single-writer rule)."""
+    owners = {t.owner for t in TRANSITIONS if t.target == target}
+    if len(owners) != 1:
+        raise TransitionNotAllowed(f"no single owner for status {target!s}: {sorted(owners)}")
+    return owners.pop()
+
+
+class Deadline(StrEnum):
+    """Timer sets of the job table; each is tied to the status it belongs to, and a
+    job that leaves that status leaves the set (see ``DEADLINE_STATUS``)."""
+
+    ABANDON = "abandon"  # awaiting_payment past the payment timeout
+    WARN = "warn"  # download expires within EXPIRY_WARNING_HOURS
+    EXPIRE = "expire"  # download expired: delete the file
+
+
+DEADLINE_STATUS: dict[Deadline, JobStatus] = {
+    Deadline.ABANDON: JobStatus.AWAITING_PAYMENT,
+    Deadline.WARN: JobStatus.COMPLETED,
+    Deadline.EXPIRE: JobStatus.COMPLETED,
+}

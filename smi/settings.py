@@ -1,0 +1,110 @@
+"""Configuration from the environment (design.md, "Configuration"). Every variable
+has a local default so `make run` works on a fresh machine; secrets come only from
+the environment (the local defaults are test-mode values, useless in production)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing import Annotated
+
+from schemas.money import MARKUP_RANGE
+from schemas.requests import DEFAULT_RESOLUTIONS, RequestPolicy
+from schemas.urls import HostAllowList
+
+STAGE_METRICS_PORTS = {"checkout": 9101, "processor": 9102, "notifier": 9103, "janitor": 9104}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # A comma-separated list of host:port seeds turns on Redis Cluster mode.
+    redis_cluster_nodes: str = ""
+    redis_shards: int = Field(16, ge=1, le=16384)
+
+    payments: Literal["stripe", "local"] = "stripe"
+    stripe_api_key: str = "sk_test_123"  # stripe-mock accepts any test key
+    stripe_api_base: str = "http://127.0.0.1:12111"
+    stripe_webhook_secret: str = "whsec_local_development_only"
+
+    upscaler: Literal["local", "upsampler"] = "local"
+    upsampler_api_key: str = ""
+    upsampler_base_url: str = "https://upsampler.com/api/v1"
+
+    smtp_url: str = "smtp://127.0.0.1:2525"
+    mail_from: str = "Sell My Images <shop@localhost>"
+    shop_name: str = "Sell My Images"
+    reply_to: str = ""
+    admin_email: str = ""
+
+    gateway_port: int = Field(8080, ge=0, le=65535)
+    public_base_url: str = "http://127.0.0.1:8080"
+    storage_dir: Path = Path("var/storage")
+    admin_token: str = ""
+    url_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    allowed_resolutions: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_RESOLUTIONS))
+    download_ttl_hours: int = Field(24, ge=1, le=168)
+    expiry_warning_hours: int = Field(4, ge=0, le=168)
+    payment_timeout_minutes: int = Field(60, ge=1)
+    janitor_interval_seconds: float = Field(30, gt=0)
+    failed_retention_days: int = Field(7, ge=0)
+    pii_retention_days: int = Field(0, ge=0)  # 0 = keep customer emails
+    markup_percent: int = Field(500, ge=MARKUP_RANGE[0], le=MARKUP_RANGE[1])
+    credit_price_cents: int = Field(4, ge=0)
+
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    topic_partitions: int = Field(6, ge=1)
+    topic_replication: int = Field(1, ge=1)
+    max_message_bytes: int = Field(1024 * 1024, ge=1024)
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("url_allow_hosts", "allowed_resolutions", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_resolutions")
+    @classmethod
+    def _resolutions(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not (item.endswith("x") and item[:-1].isdigit() and int(item[:-1]) >= 1):
+                raise ValueError(f"resolution {item!r} must look like '4x'")
+        if not value:
+            raise ValueError("at least one resolution must be offered")
+        return value
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp(cls, value: str) -> str:
+        if not value.startswith(("smtp://", "smtps://")):
+            raise ValueError("SMTP_URL must start with smtp:// or smtps://")
+        return value
+
+    @property
+    def checkout_session_ttl_minutes(self) -> int:
+        """With PAYMENTS=stripe, expires_at is held within Stripe's 30 min to 24 h
+        window; the local provider takes any value of at least one minute."""
+        if self.payments == "stripe":
+            return min(max(self.payment_timeout_minutes, 30), 24 * 60)
+        return self.payment_timeout_minutes
+
+    @property
+    def request_policy(self) -> RequestPolicy:
+        return RequestPolicy(tuple(self.allowed_resolutions), HostAllowList.parse(self.url_allow_hosts))
+
+    def metrics_port_for(self, stage: str) -> int:
+        return self.metrics_port if self.metrics_port is not None else STAGE_METRICS_PORTS.get(stage, 0)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # A comma-separated list of host:port seeds turns on Redis Cluster mode.
     redis_cluster_nodes: str = ""
-    redis_shards: int = Field(16, ge=1, le=16384)
+    redis_shards: int = Field(16, ge=1, le=1024)
+    redis_namespace: str = ""
 
     payments: Literal["stripe", "local"] = "stripe"
     stripe_api_key: str = "sk_test_123"  # stripe-mock accepts any test key

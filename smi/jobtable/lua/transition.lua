@@ -1,0 +1,41 @@
+-- The one atomic status change: compare the current status against the allowed
+-- sources, apply fields, move the indexes, update deadline sets, append history
+-- and record the event id -- or change nothing at all.
+-- ARGV: tag, job_id, target, sources (JSON list), actor, event_id, now_ms,
+--       set (JSON object), clear (JSON list), deadlines_set (JSON object kind->ms),
+--       deadlines_clear (JSON list)
+-- Returns {outcome, previous status}; outcome is applied|duplicate|noop|rejected|missing.
+local id, target, actor, event_id, now = ARGV[2], ARGV[3], ARGV[5], ARGV[6], ARGV[7]
+local key = KEYS[1]
+local history = key .. ':h'
+
+local status = redis.call('HGET', key, 'status')
+if not status then return {'missing', ''} end
+
+-- Redelivery: this exact event was applied before (history is short, a handful of
+-- entries, so a scan costs less than a separate set per job).
+if event_id ~= '' then
+  local needle = '"e":"' .. event_id .. '"'
+  for _, entry in ipairs(redis.call('LRANGE', history, 0, -1)) do
+    if string.find(entry, needle, 1, true) then return {'duplicate', status} end
+  end
+end
+if status == target then return {'noop', status} end
+
+local allowed = false
+for _, source in ipairs(cjson.decode(ARGV[4])) do
+  if source == status then allowed = true end
+end
+if not allowed then return {'rejected', status} end
+
+apply_fields(key, id, cjson.decode(ARGV[8]), cjson.decode(ARGV[9]))
+local created = redis.call('HGET', key, 'created_at')
+local updated = redis.call('HGET', key, 'updated_at')
+redis.call('ZREM', status_index(status, 'c'), member(created, id))
+redis.call('ZREM', status_index(status, 'u'), member(updated, id))
+redis.call('ZADD', status_index(target, 'c'), 0, member(created, id))
+redis.call('ZADD', status_index(target, 'u'), 0, member(now, id))
+redis.call('HSET', key, 'status', target, 'updated_at', now)
+apply_deadlines(id, cjson.decode(ARGV[10]), cjson.decode(ARGV[11]))
+redis.call('RPUSH', history, cjson.encode({at = now, from = status, to = target, by = actor, e = event_id}))
+return {'applied', status}

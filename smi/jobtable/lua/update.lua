@@ -1,0 +1,19 @@
+-- Set/clear whitelisted fields of an existing job, optionally only while its status
+-- is one of `expect` (compare-and-set), and optionally set or clear deadlines.
+-- ARGV: tag, job_id, now_ms, set (JSON object), clear (JSON list), expect (JSON list,
+--       empty = any status), deadlines_set (JSON object), deadlines_clear (JSON list)
+-- Returns {outcome, status}; outcome is applied|rejected|missing.
+local id, now = ARGV[2], ARGV[3]
+local key = KEYS[1]
+local status = redis.call('HGET', key, 'status')
+if not status then return {'missing', ''} end
+local expect = cjson.decode(ARGV[6])
+if #expect > 0 then
+  local ok = false
+  for _, s in ipairs(expect) do if s == status then ok = true end end
+  if not ok then return {'rejected', status} end
+end
+apply_fields(key, id, cjson.decode(ARGV[4]), cjson.decode(ARGV[5]))
+touch(key, id, status, now)
+apply_deadlines(id, cjson.decode(ARGV[7]), cjson.decode(ARGV[8]))
+return {'applied', status}

@@ -1,0 +1,20 @@
+"""Loads the Lua scripts (each prefixed with the shared prelude) and registers them
+on a client; redis-py runs them by EVALSHA and reloads them after a Redis restart."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+LUA_DIR = Path(__file__).parent / "lua"
+NAMES = ("create", "transition", "update", "issue_token", "claim_due")
+
+
+@cache
+def source(name: str) -> str:
+    prelude = (LUA_DIR / "prelude.lua").read_text()
+    return prelude + "\n" + (LUA_DIR / f"{name}.lua").read_text()
+
+
+def register_all(client) -> dict:
+    return {name: client.register_script(source(name)) for name in NAMES}

@@ -1,0 +1,314 @@
+"""The job table: the current state of every job, in Redis (design.md, "The job
+table"). Every write is one Lua script, atomic on the job's shard; reads that span
+jobs (queries, timers) visit every shard in one pipelined round trip."""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import json
+import logging
+import secrets
+import string
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+from schemas.events import utcnow
+from schemas.job import MANAGED_FIELDS, Job, encode_fields, from_ms, to_ms
+from schemas.status import DEADLINE_STATUS, Deadline, JobStatus, Stage, TransitionNotAllowed, sources_of
+
+from smi.jobtable.keys import LOOKUP_KINDS, KeySpace, shard_of
+from smi.jobtable.scripts import register_all
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["applied", "duplicate", "noop", "rejected"]
+OrderBy = Literal["created_at", "updated_at"]
+TOKEN_ALPHABET = string.ascii_letters + string.digits
+TOKEN_LENGTH = 64
+_JOB_FIELDS = frozenset(Job.model_fields)
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: str):
+        super().__init__(f"job {job_id} not found")
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    outcome: Outcome
+    previous: JobStatus
+
+    @property
+    def applied(self) -> bool:
+        return self.outcome == "applied"
+
+
+@dataclass(frozen=True)
+class Page:
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    at: datetime
+    source: JobStatus | None
+    target: JobStatus
+    actor: str
+    event_id: str | None
+
+
+@dataclass(frozen=True)
+class DueItem:
+    job_id: str
+    due_at: datetime
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_download_token() -> str:
+    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(TOKEN_LENGTH))
+
+
+def is_well_formed_token(token: str) -> bool:
+    return len(token) == TOKEN_LENGTH and all(c in TOKEN_ALPHABET for c in token)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _json(value: Any) -> str:
+    # cjson decodes an empty JSON array and object alike; both mean "nothing".
+    return json.dumps(value, separators=(",", ":"))
+
+
+class JobTable:
+    def __init__(self, redis, *, shards: int = 16, namespace: str = "", clock: Callable[[], datetime] = utcnow):
+        self.redis = redis
+        self.keys = KeySpace(shards, namespace)
+        self.clock = clock
+        self._scripts = register_all(redis)
+
+    # -- writes ------------------------------------------------------------------
+
+    async def create(self, fields: Mapping[str, Any], *, request_id: str | None = None,
+                     actor: Stage = Stage.CHECKOUT, now: datetime | None = None) -> tuple[Job, bool]:
+        """Create a job (status ``new``). The same ``request_id`` always gives the same
+        job: returns (job, created) where created is False for a repeat."""
+        self._check_fields(fields)
+        job_id = self.keys.new_job_id(request_id)
+        moment = now or self.clock()
+        created, existing_id = await self._scripts["create"](
+            keys=[self.keys.job(job_id)],
+            args=[self.keys.tag_of(job_id), job_id, request_id or "", to_ms(moment), actor.value,
+                  _json(encode_fields(fields))],
+        )
+        return await self.get(_s(existing_id)), bool(int(created))
+
+    async def transition(self, job_id: str, target: JobStatus, *, actor: Stage, event_id: str,
+                         fields: Mapping[str, Any] | None = None, clear: Iterable[str] = (),
+                         deadlines: Mapping[Deadline, datetime] | None = None,
+                         now: datetime | None = None) -> TransitionResult:
+        """Compare-and-set the status by the transition table, atomically with the
+        fields, indexes, deadlines, history and event id. A stage that does not own
+        ``target`` is a programming error (raises); a pair the table lacks for the
+        job's current status is rejected, logged, and changes nothing."""
+        sources = sources_of(target, actor)
+        if not sources:
+            raise TransitionNotAllowed(f"{actor} does not own transitions to {target}")
+        fields = dict(fields or {})
+        self._check_fields(fields, clear)
+        # Leaving a status leaves the deadline sets tied to it (abandon -> awaiting_payment).
+        clear_deadlines = [d.value for d in Deadline if DEADLINE_STATUS[d] != target]
+        outcome, previous = await self._scripts["transition"](
+            keys=[self.keys.job(job_id)],
+            args=[self.keys.tag_of(job_id), job_id, target.value, _json(sorted(s.value for s in sources)),
+                  actor.value, event_id, to_ms(now or self.clock()), _json(encode_fields(fields)),
+                  _json(list(clear)), _json({d.value: to_ms(t) for d, t in (deadlines or {}).items()}),
+                  _json(clear_deadlines)],
+        )
+        outcome, previous = _s(outcome), _s(previous)
+        if outcome == "missing":
+            raise JobNotFound(job_id)
+        if outcome == "rejected":
+            log.warning("transition rejected: job=%s %s -> %s by %s (event %s)", job_id, previous, target, actor, event_id)
+        return TransitionResult(outcome, JobStatus(previous))  # type: ignore[arg-type]
+
+    async def update(self, job_id: str, fields: Mapping[str, Any], *, clear: Iterable[str] = (),
+                     expect_status: Iterable[JobStatus] = (), deadlines: Mapping[Deadline, datetime] | None = None,
+                     clear_deadlines: Iterable[Deadline] = (), now: datetime | None = None) -> bool:
+        """Set whitelisted fields (never status, timestamps of the table, or tokens).
+        With ``expect_status``, only while the job is in one of those statuses:
+        returns False (nothing written) otherwise."""
+        self._check_fields(fields, clear)
+        outcome, _ = await self._scripts["update"](
+            keys=[self.keys.job(job_id)],
+            args=[self.keys.tag_of(job_id), job_id, to_ms(now or self.clock()), _json(encode_fields(fields)),
+                  _json(list(clear)), _json([s.value for s in expect_status]),
+                  _json({d.value: to_ms(t) for d, t in (deadlines or {}).items()}),
+                  _json([d.value for d in clear_deadlines])],
+        )
+        if _s(outcome) == "missing":
+            raise JobNotFound(job_id)
+        return _s(outcome) == "applied"
+
+    async def update_cost_data(self, job_id: str, *, credits: int, cost_cents: int) -> bool:
+        return await self.update(job_id, {"credits": credits, "cost_cents": cost_cents})
+
+    async def issue_download_token(self, job_id: str, *, ttl_hours: int, warn_hours: int = 0,
+                                   expires_at: datetime | None = None, revoke_others: bool = False,
+                                   now: datetime | None = None) -> tuple[str, datetime]:
+        """A new 64-character token; only its SHA-256 is stored. Returns (raw token,
+        expiry). ``expires_at`` keeps an existing expiry (a second link for the same
+        download); ``revoke_others`` makes every earlier token stop working."""
+        if not 1 <= ttl_hours <= 168:
+            raise ValueError("download TTL must be 1..168 hours")
+        moment = now or self.clock()
+        # Stored with millisecond precision: return exactly what was stored.
+        expiry = from_ms(to_ms(expires_at or moment + timedelta(hours=ttl_hours)))
+        warn_at = expiry - timedelta(hours=warn_hours) if warn_hours else None
+        token = new_download_token()
+        outcome, _ = await self._scripts["issue_token"](
+            keys=[self.keys.job(job_id)],
+            args=[self.keys.tag_of(job_id), job_id, to_ms(moment), hash_token(token), to_ms(expiry),
+                  to_ms(warn_at) if warn_at and warn_at > moment else "", "1" if revoke_others else "0"],
+        )
+        if _s(outcome) == "missing":
+            raise JobNotFound(job_id)
+        return token, expiry
+
+    async def claim_due(self, kind: Deadline, *, limit: int, lease: timedelta,
+                        now: datetime | None = None) -> list[DueItem]:
+        """Take up to ``limit`` due items of one deadline set, across shards, for
+        ``lease``; several janitors may call this at once and never get the same item
+        while its lease runs. Call ``clear_deadline`` once an item is handled."""
+        moment = to_ms(now or self.clock())
+        lease_ms = int(lease.total_seconds() * 1000)
+        items: list[DueItem] = []
+        for shard in range(self.keys.shards):
+            if len(items) >= limit:
+                break
+            flat = await self._scripts["claim_due"](
+                keys=[self.keys.deadline(shard, kind)],
+                args=[self.keys.tag(shard), moment, limit - len(items), lease_ms])
+            items += [DueItem(_s(flat[i]), from_ms(int(float(flat[i + 1])))) for i in range(0, len(flat), 2)]
+        return items
+
+    async def clear_deadline(self, job_id: str, kind: Deadline) -> None:
+        await self.redis.zrem(self.keys.deadline(shard_of(job_id, self.keys.shards), kind), job_id)
+
+    # -- reads -------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job:
+        raw = await self.redis.hgetall(self.keys.job(job_id))
+        if not raw:
+            raise JobNotFound(job_id)
+        return Job.from_redis(raw)
+
+    async def get_many(self, job_ids: list[str]) -> list[Job]:
+        """The jobs that exist, in the order asked for (one pipelined round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self.keys.job(job_id))
+        return [Job.from_redis(raw) for raw in await pipe.execute() if raw]
+
+    async def history(self, job_id: str) -> list[HistoryEntry]:
+        entries = []
+        for raw in await self.redis.lrange(self.keys.history(job_id), 0, -1):
+            item = json.loads(raw)
+            entries.append(HistoryEntry(at=from_ms(item["at"]), source=JobStatus(item["from"]) if item["from"] else None,
+                                        target=JobStatus(item["to"]), actor=item["by"], event_id=item["e"] or None))
+        return entries
+
+    async def find_by(self, kind: str, value: str) -> Job | None:
+        """Lookup by checkout_session, payment_intent, upsampler_job or callback_token
+        (hash). Values are not job ids, so their shard is unknown: ask every shard."""
+        if kind not in LOOKUP_KINDS:
+            raise ValueError(f"unknown lookup {kind!r}; one of {', '.join(LOOKUP_KINDS)}")
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.hget(self.keys.lookup(shard, kind), value)
+        for job_id in await pipe.execute():
+            if job_id:
+                try:
+                    return await self.get(_s(job_id))
+                except JobNotFound:
+                    return None
+        return None
+
+    async def find_by_token(self, token: str) -> Job | None:
+        """The job a raw download token belongs to, or None (unknown or revoked).
+        Expiry is the caller's to judge (410 vs 404)."""
+        digest = hash_token(token)
+        job = await self.find_by("download_token", digest)
+        if job is None:
+            return None
+        live = (await self.redis.hget(self.keys.job(job.job_id), "download_token_hashes")) or b""
+        # Constant-time comparison against each live hash of the job.
+        if any(hmac.compare_digest(digest.encode(), h) for h in live.split()):
+            return job
+        return None
+
+    async def get_jobs(self, status: Iterable[JobStatus] | None = None, *, limit: int = 50,
+                       order_by: OrderBy = "created_at", descending: bool = True,
+                       cursor: str | None = None) -> Page:
+        """Jobs in the given statuses (all when None), ordered by created_at or
+        updated_at, ``limit`` at a time. Pass ``next_cursor`` back for the next page:
+        members are unique (moment, job id) pairs, so pages never repeat or skip."""
+        if not 1 <= limit <= 10_000:
+            raise ValueError("limit must be 1..10000")
+        if order_by not in ("created_at", "updated_at"):
+            raise ValueError("order_by must be created_at or updated_at")
+        statuses = list(status) if status is not None else list(JobStatus)
+        order = "c" if order_by == "created_at" else "u"
+        if descending:
+            start, end = (f"({cursor}" if cursor else "+"), "-"
+        else:
+            start, end = (f"({cursor}" if cursor else "-"), "+"
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            for st in statuses:
+                pipe.zrange(self.keys.status_index(shard, st, order), start, end, desc=descending,
+                            bylex=True, offset=0, num=limit)
+        runs = [[_s(m) for m in run] for run in await pipe.execute()]
+        merged = list(heapq.merge(*runs, reverse=descending))[:limit]
+        jobs = await self.get_many([m.split(":", 1)[1] for m in merged])
+        return Page(jobs, merged[-1] if len(merged) == limit else None)
+
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            for st in JobStatus:
+                pipe.zcard(self.keys.status_index(shard, st, "c"))
+        counts = await pipe.execute()
+        n = len(JobStatus)
+        return {st: sum(counts[i::n]) for i, st in enumerate(JobStatus)}
+
+    async def due(self, kind: Deadline, *, limit: int, now: datetime | None = None) -> list[DueItem]:
+        """Due items of a deadline set, earliest first, without claiming them.
+        Costs O(shards + due items), never a scan of all jobs."""
+        moment = to_ms(now or self.clock())
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.zrangebyscore(self.keys.deadline(shard, kind), "-inf", moment, start=0, num=limit, withscores=True)
+        found = [DueItem(_s(m), from_ms(int(score))) for run in await pipe.execute() for m, score in run]
+        return sorted(found, key=lambda item: (item.due_at, item.job_id))[:limit]
+
+    # -- helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def _check_fields(fields: Mapping[str, Any], clear: Iterable[str] = ()) -> None:
+        names = set(fields) | set(clear)
+        unknown = names - _JOB_FIELDS
+        if unknown:
+            raise ValueError(f"unknown job fields: {', '.join(sorted(unknown))}")
+        managed = names & MANAGED_FIELDS
+        if managed:
+            raise ValueError(f"fields managed by the job table: {', '.join(sorted(managed))}")

@@ -1,0 +1,223 @@
+"""The job table against real Redis, each test on one server and on a 3-node Redis
+Cluster (the `redis` fixture is parametrized)."""
+
+from __future__ import annotations
+
+import asyncio
+import string
+from datetime import timedelta
+
+import pytest
+
+from schemas.status import TRANSITIONS, Deadline, JobStatus as S, Stage, TransitionNotAllowed, find_transition, owner_of
+from smi.jobtable import JobNotFound, JobTable
+from tests.support.jobs import job_fields, make_job
+
+ALLOWED = [(t.source, t.target) for t in TRANSITIONS]
+NOT_ALLOWED = [(a, b) for a in S for b in S if a != b and (a, b) not in ALLOWED and b != S.NEW]
+
+
+async def snapshot(table: JobTable, job_id: str) -> dict:
+    """Everything Redis holds about one job and its shard's indexes, byte for byte."""
+    r, keys = table.redis, table.keys
+    shard = int(keys.tag_of(job_id).split("{s")[1].rstrip("}"))
+    state = {"job": await r.hgetall(keys.job(job_id)), "history": await r.lrange(keys.history(job_id), 0, -1)}
+    for st in S:
+        for order in "cu":
+            state[f"{st}:{order}"] = await r.zrange(keys.status_index(shard, st, order), 0, -1)
+    for kind in Deadline:
+        state[f"dl:{kind}"] = await r.zrange(keys.deadline(shard, kind), 0, -1, withscores=True)
+    return state
+
+
+async def test_create_returns_a_new_job_in_status_new(table):
+    job, created = await table.create(job_fields())
+    assert created and job.status is S.NEW
+    assert job.email == "buyer@example.com" and job.price_cents == 384 and job.attempts == 0
+    assert len(job.job_id) == 36 and job.job_id[14] == "4"  # UUIDv4
+    [entry] = await table.history(job.job_id)
+    assert entry.source is None and entry.target is S.NEW and entry.actor == "checkout"
+
+
+async def test_same_request_id_gives_the_same_job_even_concurrently(table):
+    results = await asyncio.gather(*[table.create(job_fields(), request_id="req-42") for _ in range(10)])
+    assert len({job.job_id for job, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    other, created = await table.create(job_fields(), request_id="req-43")
+    assert created and other.job_id != results[0][0].job_id
+    page = await table.get_jobs([S.NEW], limit=100)
+    assert len(page.jobs) == 2
+
+
+@pytest.mark.parametrize("source,target", ALLOWED, ids=lambda s: str(s))
+async def test_every_allowed_transition_applies(table, source, target):
+    job = await make_job(table, source)
+    owner = find_transition(source, target).owner
+    result = await table.transition(job.job_id, target, actor=owner, event_id="ev-1")
+    assert result.applied and result.previous is source
+    after = await table.get(job.job_id)
+    assert after.status is target and after.updated_at >= job.updated_at
+    last = (await table.history(job.job_id))[-1]
+    assert (last.source, last.target, last.actor, last.event_id) == (source, target, owner.value, "ev-1")
+    assert [j.job_id for j in (await table.get_jobs([target])).jobs] == [job.job_id]
+    assert (await table.get_jobs([source])).jobs == []
+
+
+@pytest.mark.parametrize("source,target", NOT_ALLOWED, ids=lambda s: str(s))
+async def test_every_other_transition_is_rejected_and_changes_nothing(table, source, target):
+    job = await make_job(table, source)
+    before = await snapshot(table, job.job_id)
+    result = await table.transition(job.job_id, target, actor=owner_of(target), event_id="ev-x",
+                                    fields={"failure_reason": "should not be written"},
+                                    deadlines={Deadline.ABANDON: job.created_at + timedelta(hours=1)})
+    assert result.outcome == "rejected" and result.previous is source
+    assert await snapshot(table, job.job_id) == before
+
+
+async def test_same_status_is_a_noop(table):
+    job = await make_job(table, S.PENDING)
+    before = await snapshot(table, job.job_id)
+    result = await table.transition(job.job_id, S.PENDING, actor=Stage.CHECKOUT, event_id="another-event")
+    assert result.outcome == "noop"
+    assert await snapshot(table, job.job_id) == before
+
+
+async def test_a_stage_that_does_not_own_the_target_cannot_even_try(table):
+    job = await make_job(table, S.AWAITING_PAYMENT)
+    with pytest.raises(TransitionNotAllowed):
+        await table.transition(job.job_id, S.PENDING, actor=Stage.PROCESSOR, event_id="e")
+
+
+async def test_missing_job(table):
+    with pytest.raises(JobNotFound):
+        await table.get("00000000-0000-4000-8000-000000000000")
+    with pytest.raises(JobNotFound):
+        await table.transition("00000000-0000-4000-8000-000000000000", S.PENDING, actor=Stage.CHECKOUT, event_id="e")
+
+
+async def test_redelivered_event_is_applied_once_even_when_the_move_is_allowed_again(table):
+    # failed -> processing (an operator retry) is allowed every time the job is failed,
+    # so only the event id stops a redelivered retry from being applied twice.
+    job = await make_job(table, S.FAILED)
+    first = await table.transition(job.job_id, S.PROCESSING, actor=Stage.PROCESSOR, event_id="retry-1")
+    assert first.applied
+    assert (await table.transition(job.job_id, S.FAILED, actor=Stage.PROCESSOR, event_id="fail-2")).applied
+    again = await table.transition(job.job_id, S.PROCESSING, actor=Stage.PROCESSOR, event_id="retry-1")
+    assert again.outcome == "duplicate"
+    assert (await table.get(job.job_id)).status is S.FAILED
+    history = await table.history(job.job_id)
+    assert [h.event_id for h in history].count("retry-1") == 1
+
+
+async def test_fields_move_with_the_transition_and_lookups_follow(table):
+    job = await make_job(table, S.NEW)
+    await table.transition(job.job_id, S.AWAITING_PAYMENT, actor=Stage.CHECKOUT, event_id="e1",
+                           fields={"stripe_checkout_session_id": "cs_test_1", "checkout_url": "https://pay/1"})
+    found = await table.find_by("checkout_session", "cs_test_1")
+    assert found is not None and found.job_id == job.job_id and found.checkout_url == "https://pay/1"
+    # Replacing a looked-up value drops the old lookup.
+    assert await table.update(job.job_id, {"stripe_checkout_session_id": "cs_test_2"})
+    assert await table.find_by("checkout_session", "cs_test_1") is None
+    assert (await table.find_by("checkout_session", "cs_test_2")).job_id == job.job_id
+    await table.update(job.job_id, {"stripe_payment_intent_id": "pi_1", "upsampler_job_id": "up_1"})
+    assert (await table.find_by("payment_intent", "pi_1")).job_id == job.job_id
+    assert (await table.find_by("upsampler_job", "up_1")).job_id == job.job_id
+    await table.update(job.job_id, {}, clear=["upsampler_job_id"])
+    assert await table.find_by("upsampler_job", "up_1") is None
+    assert (await table.get(job.job_id)).upsampler_job_id is None
+
+
+async def test_update_refuses_managed_and_unknown_fields_and_honours_expected_status(table):
+    job = await make_job(table, S.PENDING)
+    for bad in ({"status": "completed"}, {"created_at": job.created_at}, {"download_token_hash": "x"}, {"nonsense": 1}):
+        with pytest.raises(ValueError):
+            await table.update(job.job_id, bad)
+    assert not await table.update(job.job_id, {"failure_reason": "x"}, expect_status=[S.PROCESSING])
+    assert (await table.get(job.job_id)).failure_reason is None
+    assert await table.update(job.job_id, {"failure_reason": "x"}, expect_status=[S.PENDING])
+    assert await table.update_cost_data(job.job_id, credits=16, cost_cents=64)
+    after = await table.get(job.job_id)
+    assert (after.failure_reason, after.credits, after.cost_cents) == ("x", 16, 64)
+    with pytest.raises(JobNotFound):
+        await table.update("00000000-0000-4000-8000-000000000000", {"credits": 1})
+
+
+async def test_deadlines_are_set_by_transitions_and_cleared_when_the_status_is_left(table):
+    job = await make_job(table, S.NEW)
+    due_at = job.created_at + timedelta(minutes=60)
+    await table.transition(job.job_id, S.AWAITING_PAYMENT, actor=Stage.CHECKOUT, event_id="e1",
+                           deadlines={Deadline.ABANDON: due_at})
+    assert await table.due(Deadline.ABANDON, limit=10, now=due_at - timedelta(seconds=1)) == []
+    [item] = await table.due(Deadline.ABANDON, limit=10, now=due_at)
+    assert item.job_id == job.job_id and item.due_at == due_at
+    await table.transition(job.job_id, S.PENDING, actor=Stage.CHECKOUT, event_id="e2")
+    assert await table.due(Deadline.ABANDON, limit=10, now=due_at + timedelta(days=1)) == []
+
+
+async def test_claim_due_hands_each_item_to_one_claimer_until_its_lease_runs_out(table):
+    base = None
+    ids = []
+    for _ in range(30):
+        job = await make_job(table, S.NEW)
+        base = base or job.created_at
+        await table.transition(job.job_id, S.AWAITING_PAYMENT, actor=Stage.CHECKOUT, event_id="e",
+                               deadlines={Deadline.ABANDON: base})
+        ids.append(job.job_id)
+    now = base + timedelta(minutes=1)
+    claims = await asyncio.gather(*[table.claim_due(Deadline.ABANDON, limit=7, lease=timedelta(minutes=5), now=now)
+                                    for _ in range(6)])
+    claimed = [item.job_id for claim in claims for item in claim]
+    assert sorted(claimed) == sorted(ids)  # 6 x 7 >= 30: all claimed, none twice
+    assert await table.claim_due(Deadline.ABANDON, limit=50, lease=timedelta(minutes=5), now=now) == []
+    await table.clear_deadline(ids[0], Deadline.ABANDON)
+    later = await table.claim_due(Deadline.ABANDON, limit=50, lease=timedelta(minutes=5), now=now + timedelta(minutes=6))
+    assert sorted(i.job_id for i in later) == sorted(ids[1:])
+
+
+async def test_download_tokens_only_hashes_at_rest(table):
+    job = await make_job(table, S.COMPLETED)
+    token, expiry = await table.issue_download_token(job.job_id, ttl_hours=24, warn_hours=4, now=job.updated_at)
+    assert len(token) == 64 and set(token) <= set(string.ascii_letters + string.digits)
+    assert expiry == job.updated_at + timedelta(hours=24)
+    assert (await table.find_by_token(token)).job_id == job.job_id
+    assert await table.find_by_token("A" * 64) is None
+    after = await table.get(job.job_id)
+    assert after.download_expires_at == expiry and after.download_token_hash != token
+    [warn] = await table.due(Deadline.WARN, limit=5, now=expiry)
+    assert warn.due_at == expiry - timedelta(hours=4)
+    # The raw token is nowhere in Redis: not in a key, field, value, member or list entry.
+    needle = token.encode()
+    async for key in table.redis.scan_iter(match=f"*{table.keys.namespace}*", count=1000):
+        kind = (await table.redis.type(key)).decode()
+        if kind == "hash":
+            blob = b"".join(k + v for k, v in (await table.redis.hgetall(key)).items())
+        elif kind == "list":
+            blob = b"".join(await table.redis.lrange(key, 0, -1))
+        elif kind == "zset":
+            blob = b"".join(await table.redis.zrange(key, 0, -1))
+        else:
+            blob = await table.redis.get(key) or b""
+        assert needle not in key + blob, key
+
+
+async def test_second_token_keeps_the_first_and_revoking_replaces_all(table):
+    job = await make_job(table, S.COMPLETED)
+    first, expiry = await table.issue_download_token(job.job_id, ttl_hours=24)
+    second, same = await table.issue_download_token(job.job_id, ttl_hours=24, expires_at=expiry)
+    assert same == expiry
+    assert (await table.find_by_token(first)) is not None and (await table.find_by_token(second)) is not None
+    third, later = await table.issue_download_token(job.job_id, ttl_hours=48, revoke_others=True)
+    assert later > expiry
+    assert await table.find_by_token(first) is None and await table.find_by_token(second) is None
+    assert (await table.find_by_token(third)).download_expires_at == later
+    with pytest.raises(ValueError):
+        await table.issue_download_token(job.job_id, ttl_hours=169)
+    with pytest.raises(JobNotFound):
+        await table.issue_download_token("00000000-0000-4000-8000-000000000000", ttl_hours=1)
+
+
+async def test_count_by_status(table):
+    for status in (S.NEW, S.PENDING, S.PENDING, S.FAILED):
+        await make_job(table, status)
+    counts = await table.count_by_status()
+    assert counts[S.NEW] == 1 and counts[S.PENDING] == 2 and counts[S.FAILED] == 1 and counts[S.COMPLETED] == 0

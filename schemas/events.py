@@ -43,7 +43,10 @@ class JobEvent(BaseModel):
     def _aware(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             raise ValueError("occurred_at must carry a timezone (RFC 3339)")
-        return value.astimezone(UTC)
+        # Held at the wire's precision (milliseconds), so an event equals its own
+        # JSON round trip and every consumer sees the moment the producer saw.
+        value = value.astimezone(UTC)
+        return value.replace(microsecond=value.microsecond - value.microsecond % 1000)
 
     @field_serializer("occurred_at")
     def _ser_time(self, value: datetime) -> str:

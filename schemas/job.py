@@ -5,7 +5,7 @@ milliseconds (compact, and directly usable as sorted-set scores inside Lua)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict
@@ -88,14 +88,20 @@ class Job(BaseModel):
         return data
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+
+
 def to_ms(moment: datetime) -> int:
     if moment.tzinfo is None:
         raise ValueError("naive datetime: pass an aware UTC moment")
-    return int(moment.timestamp() * 1000)
+    # Integer arithmetic: timestamp() * 1000 is a float and loses a millisecond now
+    # and then (32.541 s -> 32540 ms), which would break from_ms/to_ms round trips.
+    return (moment - _EPOCH) // _ONE_MS
 
 
 def from_ms(ms: int | str) -> datetime:
-    return datetime.fromtimestamp(int(ms) / 1000, UTC)
+    return _EPOCH + timedelta(milliseconds=int(ms))
 
 
 def encode_value(name: str, value: Any) -> str:

@@ -35,6 +35,12 @@ class StripeObject(BaseModel):
     currency: str | None = None
     customer_email: str | None = None
     customer_details: dict[str, Any] | None = None
+    refunds: dict[str, Any] | None = None  # charge: {"data": [{"id": "re_...", ...}]}
+
+    @property
+    def first_refund_id(self) -> str | None:
+        data = (self.refunds or {}).get("data") or []
+        return data[0].get("id") if data and isinstance(data[0], dict) else None
 
     @property
     def payment_intent_id(self) -> str | None:

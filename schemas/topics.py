@@ -19,6 +19,10 @@ class TopicSpec:
     key: Literal["job_id", "request_id"]
     value: type[BaseModel]
     writers: tuple[str, ...]
+    # Broker-side record limit (max.message.bytes) when the broker default (1 MiB)
+    # is not right: an upstream's oversized request should reach checkout and be
+    # dead-lettered with a reason, not bounce off the broker with a bare error.
+    max_message_bytes: int | None = None
 
     @property
     def event_type(self) -> str:
@@ -26,7 +30,8 @@ class TopicSpec:
         return self.name.split(".", 1)[1]
 
 
-JOBS_REQUESTED = TopicSpec("jobs.requested", "request_id", JobRequest, ("upstream",))
+JOBS_REQUESTED = TopicSpec("jobs.requested", "request_id", JobRequest, ("upstream",),
+                           max_message_bytes=8 * 1024 * 1024)
 PAYMENTS_EVENTS = TopicSpec("payments.events", "job_id", StripeEvent, ("gateway",))
 UPSCALER_EVENTS = TopicSpec("upscaler.events", "job_id", UpscalerEvent, ("gateway", "processor"))
 JOBS_AWAITING_PAYMENT = TopicSpec("jobs.awaiting_payment", "job_id", JobEvent, ("checkout",))

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     reply_to: str = ""
     admin_email: str = ""
 
+    gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(8080, ge=0, le=65535)
     public_base_url: str = "http://127.0.0.1:8080"
     storage_dir: Path = Path("var/storage")
@@ -61,6 +62,9 @@ class Settings(BaseSettings):
     credit_price_cents: int = Field(4, ge=0)
 
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    # How long the group waits for a silent (e.g. SIGKILLed) worker before handing its
+    # partitions to the others; heartbeats go every third of it.
+    kafka_session_timeout_seconds: float = Field(30, ge=6, le=300)
     topic_partitions: int = Field(6, ge=1)
     topic_replication: int = Field(1, ge=1)
     max_message_bytes: int = Field(1024 * 1024, ge=1024)

@@ -44,6 +44,8 @@ def create_app(stage: str, settings: Settings, **overrides: Any) -> faust.App:
         # Offsets of handled messages are committed this often (Faust's default is
         # 2.8 s): a smaller window means fewer redeliveries after a crash.
         broker_commit_interval=1.0,
+        broker_session_timeout=settings.kafka_session_timeout_seconds,
+        broker_heartbeat_interval=settings.kafka_session_timeout_seconds / 10,
         consumer_auto_offset_reset="earliest",
         # Bytes in, bytes out: stages parse JSON themselves so a bad message becomes a
         # dead letter with a reason instead of a decode error inside Faust.

@@ -1,0 +1,40 @@
+"""The checkout stage: a thin Faust app that feeds three topics to the plain async
+handlers of services/checkout/handlers.py (consumer group ``checkout``)."""
+
+from __future__ import annotations
+
+import faust
+
+from schemas.topics import JOBS_FAILED, JOBS_REQUESTED, PAYMENTS_EVENTS
+from services.checkout.handlers import Checkout, Source
+from smi.jobtable import JobTable, connect
+from smi.kafka.app import attach_producer, create_app
+from smi.kafka.handling import SourceMessage, add_stage_agent
+from smi.kafka.producer import EventProducer
+from smi.payments import payments_for
+from smi.settings import Settings
+
+STAGE = "checkout"
+
+
+def build(settings: Settings, **app_overrides) -> tuple[faust.App, Checkout]:
+    app = create_app(STAGE, settings, **app_overrides)
+    producer = attach_producer(app, EventProducer.from_settings(settings, client_id=STAGE))
+    table = JobTable(connect(settings.redis_url, settings.redis_cluster_nodes), shards=settings.redis_shards,
+                     namespace=settings.redis_namespace)
+    checkout = Checkout(table, payments_for(settings), producer.send, policy=settings.request_policy,
+                        markup_percent=settings.markup_percent, credit_price_cents=settings.credit_price_cents)
+
+    async def job_requested(message: SourceMessage) -> None:
+        await checkout.on_job_request(message.value, Source(message.topic, message.partition, message.offset))
+
+    async def payment_event(message: SourceMessage) -> None:
+        await checkout.on_payment_event(message.value)
+
+    async def job_failed(message: SourceMessage) -> None:
+        await checkout.on_job_failed(message.value)
+
+    add_stage_agent(app, JOBS_REQUESTED, job_requested, producer)
+    add_stage_agent(app, PAYMENTS_EVENTS, payment_event, producer)
+    add_stage_agent(app, JOBS_FAILED, job_failed, producer)
+    return app, checkout

@@ -1,0 +1,87 @@
+"""The HTTP gateway: routes, and a runner that owns the process's resources."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from services.gateway import pay, public, webhooks
+from services.gateway.context import CONTEXT, GatewayContext
+from smi.jobtable import JobTable, connect
+from smi.kafka.producer import EventProducer
+from smi.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(ctx: GatewayContext) -> web.Application:
+    # aiohttp answers 413 itself past client_max_size; the webhook checks too, so its
+    # reply is a JSON error like every other refusal.
+    app = web.Application(client_max_size=webhooks.MAX_BODY_BYTES)
+    app[CONTEXT] = ctx
+    app.router.add_post("/webhooks/stripe", webhooks.stripe_webhook)
+    app.router.add_get("/jobs/{job_id}", public.job_status)
+    app.router.add_get("/healthz", public.healthz)
+    app.router.add_get("/metrics", public.metrics)
+    if ctx.settings.payments == "local":
+        app.router.add_get("/pay/{job_id}", pay.pay_page)
+        app.router.add_post("/pay/{job_id}", pay.pay)
+    app.cleanup_ctx.append(_http_client)
+    return app
+
+
+async def _http_client(app: web.Application):
+    ctx = app[CONTEXT]
+    ctx.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+    yield
+    await ctx.http.close()
+
+
+async def start_gateway(settings: Settings) -> tuple[web.AppRunner, GatewayContext]:
+    """Start listening; returns the runner (``await runner.cleanup()`` to stop)."""
+    redis = connect(settings.redis_url, settings.redis_cluster_nodes)
+    table = JobTable(redis, shards=settings.redis_shards, namespace=settings.redis_namespace)
+    producer = EventProducer.from_settings(settings, client_id="gateway", request_timeout_ms=10_000)
+    ctx = GatewayContext(settings=settings, table=table, producer=producer)
+    runner = web.AppRunner(create_app(ctx), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.gateway_host, settings.gateway_port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    ctx.self_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    # The gateway answers (503 for webhooks) even while Kafka is away; the producer
+    # connects as soon as the broker is back.
+    ctx.background.append(asyncio.create_task(_keep_starting(producer)))
+    log.info("gateway listening on %s", ctx.self_url)
+    return runner, ctx
+
+
+async def stop_gateway(runner: web.AppRunner, ctx: GatewayContext) -> None:
+    for task in ctx.background:
+        task.cancel()
+    await runner.cleanup()
+    await ctx.producer.stop()
+    await ctx.table.redis.aclose()
+
+
+async def _keep_starting(producer: EventProducer) -> None:
+    delay = 0.5
+    while True:
+        try:
+            await producer.start()
+            return
+        except Exception as exc:
+            log.warning("Kafka not reachable yet (%s); retrying in %.1fs", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+async def serve(settings: Settings) -> None:
+    runner, ctx = await start_gateway(settings)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await stop_gateway(runner, ctx)

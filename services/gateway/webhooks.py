@@ -1,0 +1,58 @@
+"""POST /webhooks/stripe: verify, then publish the event verbatim to
+``payments.events``, and answer 2xx only once Kafka has acknowledged it. Anything
+wrong with the request gets a 4xx and publishes nothing; a broker that cannot take
+the event gets a 503, so Stripe retries later and nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from schemas.requests import InvalidMessage, decode_json_object
+from schemas.stripe_events import StripeEvent
+from schemas.topics import PAYMENTS_EVENTS
+from services.gateway.context import CONTEXT
+from smi.stripe_webhooks import BadSignature, verify
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 1024 * 1024
+PUBLISH_TIMEOUT_SECONDS = 15.0
+
+
+def problem(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def stripe_webhook(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    if request.content_type != "application/json":
+        return problem(415, "content type must be application/json")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return problem(413, f"body over {MAX_BODY_BYTES} bytes")
+    try:
+        payload = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return problem(413, f"body over {MAX_BODY_BYTES} bytes")
+    try:
+        verify(payload, request.headers.get("Stripe-Signature"), ctx.settings.stripe_webhook_secret)
+    except BadSignature as exc:
+        ctx.metrics.webhooks.labels("stripe", "bad_signature").inc()
+        return problem(400, f"signature: {exc}")
+    try:
+        event = StripeEvent.model_validate(decode_json_object(payload, max_bytes=MAX_BODY_BYTES))
+    except (InvalidMessage, ValidationError) as exc:
+        ctx.metrics.webhooks.labels("stripe", "bad_body").inc()
+        return problem(400, f"not a Stripe event: {getattr(exc, 'reason', None) or 'missing or mistyped fields'}")
+    key = event.job_id or event.data.object.id
+    try:
+        await asyncio.wait_for(ctx.producer.send_raw(PAYMENTS_EVENTS.name, key.encode(), payload),
+                               PUBLISH_TIMEOUT_SECONDS)
+    except Exception as exc:  # broker away, timeout, producer not started
+        log.warning("could not publish Stripe event %s (%s): %s", event.id, event.type, type(exc).__name__)
+        ctx.metrics.webhooks.labels("stripe", "unavailable").inc()
+        return problem(503, "event log unavailable, retry later")
+    ctx.metrics.webhooks.labels("stripe", "published").inc()
+    return web.json_response({"received": True})

@@ -1,0 +1,173 @@
+"""End-to-end fixtures: real stage processes (`python -m services.<stage>`) on the
+real Kafka, Redis and stripe-mock (behind a recording proxy).
+
+One set of processes serves the whole session: stages of one consumer group share
+the contract's topics, so every test works on its own jobs (unique request ids)
+in a session-wide Redis namespace, and asserts on those jobs only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import uuid
+
+import aiohttp
+import pytest
+
+from schemas.topics import ALL_TOPICS, JOBS_REQUESTED
+from smi.jobtable import JobTable, connect
+from smi.kafka.producer import EventProducer
+from smi.settings import Settings
+from smi.stack.topics import ensure_topics
+from tests.support.kafka_watch import TopicWatcher, eventually
+from tests.support.processes import StageProcess
+from tests.support.stripe_proxy import RecordingStripeProxy
+
+KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+STRIPE_MOCK = os.environ.get("STRIPE_API_BASE", "http://127.0.0.1:12111")
+WEBHOOK_SECRET = "whsec_e2e_" + uuid.uuid4().hex
+SHARDS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def namespace() -> str:
+    return f"e2e{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture(scope="session")
+async def stripe_proxy():
+    proxy = RecordingStripeProxy(STRIPE_MOCK)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def stage_env(namespace, stripe_proxy, gateway_port) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "REDIS_URL": REDIS_URL, "REDIS_NAMESPACE": namespace,
+        "REDIS_SHARDS": str(SHARDS), "PAYMENTS": "stripe", "STRIPE_API_BASE": stripe_proxy.url,
+        "STRIPE_API_KEY": "sk_test_123", "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "GATEWAY_PORT": str(gateway_port), "PUBLIC_BASE_URL": f"http://127.0.0.1:{gateway_port}",
+        "URL_ALLOW_HOSTS": "127.0.0.0/8", "KAFKA_SESSION_TIMEOUT_SECONDS": "8", "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+async def topics_ready():
+    await ensure_topics(Settings(kafka_bootstrap_servers=KAFKA))
+
+
+@pytest.fixture(scope="session")
+async def watcher(topics_ready):
+    """Sees every message produced on the contract's topics from session start."""
+    w = await TopicWatcher(KAFKA, [t.name for t in ALL_TOPICS]).start()
+    yield w
+    await w.stop()
+
+
+@pytest.fixture(scope="session")
+async def redis_client():
+    client = connect(REDIS_URL)
+    await client.ping()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def table(redis_client, namespace) -> JobTable:
+    return JobTable(redis_client, shards=SHARDS, namespace=namespace)
+
+
+@pytest.fixture(scope="session")
+async def producer(topics_ready):
+    async with EventProducer(KAFKA, client_id="e2e-tests", max_request_size=16 * 1024 * 1024) as p:
+        yield p
+
+
+@pytest.fixture(scope="session")
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def job_request(**overrides) -> dict:
+    body = {"request_id": f"req-{uuid.uuid4().hex}", "image_url": "https://images.example.com/photo.jpg",
+            "resolution": "4x", "email": "buyer@example.com", "post_id": 42, "attachment_id": 7,
+            "image_width": 2000, "image_height": 2000, "success_url": "https://shop.example.com/thanks",
+            "cancel_url": "https://shop.example.com/cancel"}
+    body.update(overrides)
+    return body
+
+
+async def publish_request(producer: EventProducer, body: dict | bytes, key: str | None = None) -> None:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    if key is None and isinstance(body, dict):
+        key = body.get("request_id")
+    await producer.send_raw(JOBS_REQUESTED.name, key.encode() if key else None, raw)
+
+
+async def job_for_request(table: JobTable, request_id: str, *, timeout: float = 30.0):
+    """The job a request made, once checkout has opened its checkout session."""
+    async def find():
+        page = await table.get_jobs(limit=10_000)
+        for job in page.jobs:
+            if job.request_id == request_id and job.stripe_checkout_session_id:
+                return job
+        return None
+    return await eventually(find, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+async def checkout(stage_env, tmp_path_factory, producer, table, watcher):
+    """The checkout stage, ready: it has turned a probe request into a job."""
+    stage = StageProcess("checkout", stage_env, tmp_path_factory.mktemp("checkout-logs")).start()
+    probe = job_request()
+    await publish_request(producer, probe)
+    try:
+        await job_for_request(table, probe["request_id"], timeout=90)
+    except AssertionError:
+        pytest.fail(f"checkout did not start:\n{stage.log_tail()}")
+    yield stage
+    stage.stop()
+
+
+@pytest.fixture(scope="session")
+async def gateway(stage_env, gateway_port, tmp_path_factory, http, topics_ready):
+    stage = StageProcess("gateway", stage_env, tmp_path_factory.mktemp("gateway-logs")).start()
+    url = f"http://127.0.0.1:{gateway_port}"
+
+    async def healthy():
+        try:
+            async with http.get(f"{url}/healthz") as resp:
+                return resp.status == 200
+        except aiohttp.ClientError:
+            return False
+    try:
+        await eventually(healthy, timeout=60)
+    except AssertionError:
+        pytest.fail(f"gateway did not become healthy:\n{stage.log_tail()}")
+    stage.url = url
+    yield stage
+    stage.stop()
+
+
+async def wait_status(table: JobTable, job_id: str, status, *, timeout: float = 30.0):
+    async def reached():
+        job = await table.get(job_id)
+        return job if job.status == status else None
+    return await eventually(reached, timeout=timeout)

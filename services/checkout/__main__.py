@@ -3,4 +3,6 @@
 from smi.settings import get_settings
 from smi.stages import run_stage
 
-run_stage("checkout", get_settings())
+# Guarded: process pools that spawn workers re-import the main module.
+if __name__ == "__main__":
+    run_stage("checkout", get_settings())

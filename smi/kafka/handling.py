@@ -30,6 +30,7 @@ from redis import exceptions as redis_errors
 
 from schemas.requests import InvalidMessage, describe_validation_error
 from schemas.topics import JOBS_DEAD_LETTER, TopicSpec
+from schemas.urls import UnsafeURL
 from smi.kafka.app import stage_topic
 from smi.errors import PermanentError, TransientError
 from smi.kafka.dead_letter import dead_letter
@@ -109,7 +110,7 @@ async def run_with_retries(stage: str, message: SourceMessage, handler: Handler,
         try:
             await handler(message)
             return None
-        except (InvalidMessage, ValidationError, PermanentError) as exc:
+        except (InvalidMessage, ValidationError, PermanentError, UnsafeURL) as exc:
             return failure_reason(exc)
         except TRANSIENT_ERRORS as exc:
             if attempt >= policy.retries:

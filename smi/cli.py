@@ -48,6 +48,30 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from smi.stages import STAGES, run_stage
+    from smi.supervisor import Supervisor
+
+    if args.stage == "all":
+        print(f"starting {', '.join(STAGES)}; Ctrl-C stops them all")
+        return asyncio.run(Supervisor(list(STAGES)).run())
+    run_stage(args.stage, Settings())
+    return 0
+
+
+def cmd_stripe_trigger(args: argparse.Namespace) -> int:
+    from smi.jobtable import JobNotFound
+    from smi.trigger import trigger
+
+    try:
+        status, body = asyncio.run(trigger(Settings(), args.event_type, args.job, args.url))
+    except JobNotFound:
+        print(f"no job {args.job}", file=sys.stderr)
+        return 1
+    print(f"{args.event_type} for job {args.job}: gateway answered {status} {body}")
+    return 0 if 200 <= status < 300 else 1
+
+
 def _component_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in COMPONENT_NAMES]
@@ -77,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     topics = commands.add_parser("topics", help="Kafka topics of the pipeline")
     topics_commands = topics.add_subparsers(dest="action", required=True, metavar="ACTION")
     topics_commands.add_parser("create", help="create the missing topics").set_defaults(handler=cmd_topics_create)
+
+    from smi.stages import STAGES
+    from smi.trigger import EVENT_TYPES
+
+    run = commands.add_parser("run", help="run one stage, or all of them under a supervisor")
+    run.add_argument("stage", choices=[*STAGES, "all"])
+    run.set_defaults(handler=cmd_run)
+
+    stripe = commands.add_parser("stripe", help="Stripe test helpers")
+    stripe_commands = stripe.add_subparsers(dest="action", required=True, metavar="ACTION")
+    trigger = stripe_commands.add_parser("trigger", help="send a signed test webhook for a job to the gateway")
+    trigger.add_argument("event_type", choices=EVENT_TYPES, metavar="EVENT_TYPE",
+                         help=f"one of {', '.join(EVENT_TYPES)}")
+    trigger.add_argument("--job", required=True, help="the job id")
+    trigger.add_argument("--url", help="the gateway's base URL (default PUBLIC_BASE_URL)")
+    trigger.set_defaults(handler=cmd_stripe_trigger)
     return parser
 
 

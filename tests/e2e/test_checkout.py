@@ -306,3 +306,24 @@ async def test_other_payment_events_are_recorded_ignored_or_dead_lettered(checko
     assert (await table.get(foreign.job_id)).status is S.AWAITING_PAYMENT  # not ours: untouched
     [letter] = await watcher.wait_for("jobs.dead_letter", for_job(unknown))
     assert "unknown job" in json.loads(letter.value)["error"]
+
+
+async def test_smi_stripe_trigger_sends_a_signed_event_through_the_gateway(checkout, gateway, stage_env, producer,
+                                                                           table):
+    import os
+    import sys
+
+    job = await open_job(producer, table)
+    env = {**os.environ, **stage_env}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "smi.cli", "stripe", "trigger", "checkout.session.completed", "--job", job.job_id,
+        "--url", gateway.url, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out
+    await wait_status(table, job.job_id, S.PENDING)
+
+    missing = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "smi.cli", "stripe", "trigger", "charge.refunded", "--job", str(uuid.uuid4()),
+        "--url", gateway.url, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await missing.communicate()
+    assert missing.returncode == 1 and b"no job" in out

@@ -1,0 +1,168 @@
+"""The local upscaler (UPSCALER=local): fetch the image under the same URL rules as
+everything else, resize it with Pillow's Lanczos filter in worker processes (the
+event loop never waits on pixels), and store a PNG under STORAGE_DIR.
+
+All Pillow work, including checking an existing result, runs in the workers: the
+decompression-bomb limit is process-wide state, set there per call and never in
+the stage's own process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from schemas.urls import HostAllowList
+from smi.errors import PermanentError, TransientError
+from smi.fetch import fetch_to_file
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+# Written into every result, so a later call can tell a finished file of the right
+# size from anything else lying at that path without fetching the source again.
+SOURCE_SIZE_KEY = "smi-source-size"
+SAFE_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+RESIZABLE_MODES = ("RGB", "RGBA", "L", "LA")
+
+
+class LocalUpscaler:
+    def __init__(self, storage_dir: Path, *, allow: HostAllowList, max_input_bytes: int = 50 * MiB,
+                 max_output_pixels: int = 200_000_000, workers: int = 1):
+        self.storage_dir = Path(storage_dir)
+        self.allow = allow
+        self.max_input_bytes = max_input_bytes
+        self.max_output_pixels = max_output_pixels
+        self.workers = workers
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn, not fork: forking a process that runs Kafka and Redis client
+        # threads can copy a lock in its held state into the child.
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def result_path(self, job_id: str, factor: int) -> Path:
+        return self.storage_dir / job_id / f"upscaled-{factor}x.png"
+
+    async def upscale(self, job_id: str, image_url: str, factor: int) -> Path:
+        """The path of the upscaled PNG; an existing valid result is returned as is."""
+        if not SAFE_JOB_ID.fullmatch(job_id):
+            raise PermanentError("job id is not usable as a directory name")
+        if factor < 1:
+            raise PermanentError(f"upscale factor {factor} must be at least 1")
+        final = self.result_path(job_id, factor)
+        if await self._in_worker(is_complete_result, str(final), factor, self.max_output_pixels):
+            log.info("job %s: %s already done", job_id, final.name)
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # One work dir per call: a redelivered job running twice at once never
+        # shares (or deletes) the other run's files; the result's rename is atomic.
+        work = Path(tempfile.mkdtemp(dir=final.parent, prefix=".work-"))
+        try:
+            source = await fetch_to_file(image_url, work / "source", max_bytes=self.max_input_bytes, allow=self.allow)
+            before, after = await self._in_worker(upscale_file, str(source.path), str(final), factor,
+                                                  self.max_output_pixels)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        log.info("job %s: upscaled %dx%d to %dx%d (%s)", job_id, *before, *after, final.name)
+        return final
+
+    async def _in_worker(self, function, *args):
+        pool = self._pool
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+        except BrokenProcessPool:
+            # A worker died (most likely killed for memory) and took the pool with it;
+            # the first call to notice replaces it.
+            if self._pool is pool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
+            raise TransientError("an upscaler worker process died") from None
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+
+
+# Worker functions: top level, so the process pool can pickle them by name.
+
+def upscale_file(source: str, dest: str, factor: int,
+                 max_output_pixels: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Resize ``source`` by ``factor`` into the PNG ``dest`` (temp file + rename);
+    returns the source and result sizes. Refuses, before decoding any pixel, an
+    image whose result would exceed ``max_output_pixels``."""
+    with _pixel_limit(max_output_pixels), _open_image(source) as image:
+        width, height = image.size  # from the header: no pixel decoded yet
+        if width * factor * height * factor > max_output_pixels:
+            raise PermanentError(f"result would be {width * factor}x{height * factor} pixels, "
+                                 f"over the limit of {max_output_pixels}")
+        try:
+            # Browsers show the EXIF orientation; the customer buys what they saw.
+            upright = ImageOps.exif_transpose(image)
+            if upright.mode not in RESIZABLE_MODES:
+                upright = upright.convert("RGBA" if upright.has_transparency_data else "RGB")
+            result = upright.resize((upright.width * factor, upright.height * factor), Image.LANCZOS)
+        except (OSError, ValueError) as exc:
+            raise PermanentError(f"cannot decode the image: {exc}") from None
+    info = PngImagePlugin.PngInfo()
+    info.add_text(SOURCE_SIZE_KEY, f"{upright.width}x{upright.height}")
+    fd, temp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".upscaled-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            result.save(out, format="PNG", pnginfo=info)
+            out.flush()
+            os.fsync(out.fileno())  # the result is what the customer pays for: on disk before it is named
+        os.replace(temp, dest)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return upright.size, result.size
+
+
+def is_complete_result(path: str, factor: int, max_output_pixels: int) -> bool:
+    """A PNG written by upscale_file at this factor, intact."""
+    if not os.path.exists(path):
+        return False
+    try:
+        with _pixel_limit(max_output_pixels), Image.open(path) as image:
+            source = image.info.get(SOURCE_SIZE_KEY, "")
+            width, _, height = source.partition("x")
+            if image.format != "PNG" or not (width.isdigit() and height.isdigit()):
+                return False
+            if image.size != (int(width) * factor, int(height) * factor):
+                return False
+            image.verify()  # chunk checksums: a damaged file is redone
+        return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return False
+
+
+@contextmanager
+def _pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb guard at ``max_pixels``, its warning an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        yield
+
+
+def _open_image(source: str) -> Image.Image:
+    try:
+        return Image.open(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PermanentError(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise PermanentError("not a decodable image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise PermanentError(f"cannot read the image: {exc}") from None

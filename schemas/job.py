@@ -14,7 +14,7 @@ from schemas.status import JobStatus
 
 INT_FIELDS = frozenset({
     "post_id", "attachment_id", "image_width", "image_height", "price_cents", "cost_cents",
-    "credits", "markup_percent", "refund_amount_cents", "attempts",
+    "credits", "markup_percent", "refund_amount_cents", "attempts", "submit_failures",
 })
 TIME_FIELDS = frozenset({
     "created_at", "updated_at", "paid_at", "processing_started_at", "completed_at", "failed_at",
@@ -69,6 +69,7 @@ class Job(BaseModel):
     refund_amount_cents: int | None = None
     refunded_at: datetime | None = None
     attempts: int = 0
+    submit_failures: int = 0  # transient failures submitting the current attempt
     created_at: datetime
     updated_at: datetime
 

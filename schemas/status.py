@@ -78,12 +78,16 @@ class Deadline(StrEnum):
     job that leaves that status leaves the set (see ``DEADLINE_STATUS``)."""
 
     ABANDON = "abandon"  # awaiting_payment past the payment timeout
+    RETRY = "retry"  # pending: submitting to the upscaler failed transiently, try again
+    POLL = "poll"  # processing: no callback yet, ask the upscaler (and time out)
     WARN = "warn"  # download expires within EXPIRY_WARNING_HOURS
     EXPIRE = "expire"  # download expired: delete the file
 
 
 DEADLINE_STATUS: dict[Deadline, JobStatus] = {
     Deadline.ABANDON: JobStatus.AWAITING_PAYMENT,
+    Deadline.RETRY: JobStatus.PENDING,
+    Deadline.POLL: JobStatus.PROCESSING,
     Deadline.WARN: JobStatus.COMPLETED,
     Deadline.EXPIRE: JobStatus.COMPLETED,
 }

@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     upsampler_api_key: str = ""
     upsampler_base_url: str = "https://upsampler.com/api/v1"
 
+    # Processor: a job without a callback is polled after this long, and failed with
+    # reason upsampler_timeout once it has been processing for the timeout.
+    upsampler_poll_after_seconds: float = Field(120, gt=0)
+    upsampler_timeout_minutes: float = Field(30, gt=0)
+    upscaler_submit_retries: int = Field(6, ge=0)
+    processor_tick_seconds: float = Field(5, gt=0)
+    max_image_bytes: int = Field(50 * 1024 * 1024, ge=1024)
+    max_result_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+
     smtp_url: str = "smtp://127.0.0.1:2525"
     mail_from: str = "Sell My Images <shop@localhost>"
     shop_name: str = "Sell My Images"

@@ -10,7 +10,7 @@ import logging
 
 from smi.settings import Settings
 
-FAUST_STAGES = ("checkout",)  # grows as the other stages land
+FAUST_STAGES = ("checkout", "processor")  # grows as the other stages land
 STAGES = FAUST_STAGES + ("gateway",)
 
 

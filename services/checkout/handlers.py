@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from schemas.events import JobEvent, utcnow
 from schemas.job import Job
@@ -28,10 +28,11 @@ from schemas.money import quote
 from schemas.requests import InvalidMessage, RequestPolicy, decode_json_object, describe_validation_error, parse_job_request
 from schemas.status import Deadline, JobStatus, Stage
 from schemas.stripe_events import HANDLED_TYPES, StripeEvent
-from schemas.topics import JOBS_AWAITING_PAYMENT, JOBS_PENDING, PAYMENTS_REFUNDS, TopicSpec
+from schemas.topics import JOBS_AWAITING_PAYMENT, JOBS_PENDING, PAYMENTS_REFUNDS
 from smi.errors import TransientError
 from smi.faults import crash_point
 from smi.jobtable import JobNotFound, JobTable
+from smi.kafka.producer import Publisher
 from smi.payments import Payments
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 PAID_EVENTS = frozenset({"checkout.session.completed", "checkout.session.async_payment_succeeded"})
 PAYMENT_FAILED_EVENTS = frozenset({"checkout.session.async_payment_failed", "payment_intent.payment_failed"})
 MAX_STRIPE_EVENT_BYTES = 1024 * 1024
-
-
-class Publisher(Protocol):
-    async def __call__(self, spec: TopicSpec, key: str, value: BaseModel) -> Any: ...
 
 
 @dataclass(frozen=True)

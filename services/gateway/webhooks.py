@@ -1,7 +1,10 @@
 """POST /webhooks/stripe: verify, then publish the event verbatim to
 ``payments.events``, and answer 2xx only once Kafka has acknowledged it. Anything
 wrong with the request gets a 4xx and publishes nothing; a broker that cannot take
-the event gets a 503, so Stripe retries later and nothing is lost."""
+the event gets a 503, so Stripe retries later and nothing is lost. (A 503 is "not
+acknowledged": the producer may still deliver the buffered record once the broker is
+back, so the event can land twice -- as Stripe's own duplicate deliveries do; the
+checkout stage applies each payment once.)"""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
@@ -31,6 +31,13 @@ from smi.settings import Settings
 
 Value = BaseModel | dict[str, Any]
 Key = str | bytes | None
+
+
+class Publisher(Protocol):
+    """What a stage's handlers publish through (``EventProducer.send``): handlers
+    depend on this, not on Kafka, so their tests can pass any callable."""
+
+    async def __call__(self, spec: TopicSpec, key: Key, value: Value) -> Any: ...
 
 
 def encode_key(key: Key) -> bytes | None:

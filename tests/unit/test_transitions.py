@@ -143,6 +143,8 @@ def test_sources_of(target, owner, sources):
 def test_deadlines_belong_to_statuses():
     assert DEADLINE_STATUS == {
         Deadline.ABANDON: JobStatus.AWAITING_PAYMENT,
+        Deadline.RETRY: JobStatus.PENDING,
+        Deadline.POLL: JobStatus.PROCESSING,
         Deadline.WARN: JobStatus.COMPLETED,
         Deadline.EXPIRE: JobStatus.COMPLETED,
     }

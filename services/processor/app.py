@@ -1,0 +1,65 @@
+"""The processor stage: a thin Faust app feeding jobs.pending, upscaler.events and
+jobs.commands to services/processor/handlers.py, plus a timer for submit retries
+and polls (consumer group ``processor``)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import faust
+
+from schemas.topics import JOBS_COMMANDS, JOBS_PENDING, UPSCALER_EVENTS
+from services.processor.handlers import Processor, ProcessorConfig
+from smi.jobtable import JobTable, connect
+from smi.kafka.app import attach_producer, create_app
+from smi.kafka.handling import SourceMessage, add_stage_agent
+from smi.kafka.producer import EventProducer
+from smi.settings import Settings
+from smi.upscalers import LocalUpscaler, UpsamplerClient
+
+STAGE = "processor"
+log = logging.getLogger(__name__)
+
+
+def build(settings: Settings, **app_overrides) -> tuple[faust.App, Processor]:
+    app = create_app(STAGE, settings, **app_overrides)
+    producer = attach_producer(app, EventProducer.from_settings(settings, client_id=STAGE))
+    table = JobTable(connect(settings.redis_url, settings.redis_cluster_nodes), shards=settings.redis_shards,
+                     namespace=settings.redis_namespace)
+    allow = settings.request_policy.allow_hosts
+    storage = settings.storage_dir.resolve()
+    config = ProcessorConfig(
+        storage_dir=storage, allow=allow, public_base_url=settings.public_base_url,
+        credit_price_cents=settings.credit_price_cents,
+        poll_after=timedelta(seconds=settings.upsampler_poll_after_seconds),
+        timeout=timedelta(minutes=settings.upsampler_timeout_minutes),
+        submit_retries=settings.upscaler_submit_retries, max_result_bytes=settings.max_result_bytes)
+    if settings.upscaler == "local":
+        backend = {"local": LocalUpscaler(storage, allow=allow, max_input_bytes=settings.max_image_bytes)}
+    else:
+        backend = {"remote": UpsamplerClient(settings.upsampler_base_url, settings.upsampler_api_key)}
+    processor = Processor(table, producer.send, config, **backend)
+
+    async def pending(message: SourceMessage) -> None:
+        await processor.on_pending(message.value)
+
+    async def upscaler_event(message: SourceMessage) -> None:
+        await processor.on_upscaler_event(message.value)
+
+    async def command(message: SourceMessage) -> None:
+        await processor.on_command(message.value)
+
+    add_stage_agent(app, JOBS_PENDING, pending, producer)
+    add_stage_agent(app, UPSCALER_EVENTS, upscaler_event, producer)
+    add_stage_agent(app, JOBS_COMMANDS, command, producer)
+
+    @app.timer(interval=settings.processor_tick_seconds)
+    async def due_retries_and_polls() -> None:
+        # Every worker ticks; claim_due hands each due item to one of them.
+        try:
+            await processor.tick()
+        except Exception:
+            log.exception("processor tick failed")
+
+    return app, processor

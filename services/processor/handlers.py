@@ -1,0 +1,298 @@
+"""Processor's handlers: pending -> processing -> completed | failed.
+
+Idempotent under redelivery, crash and restart:
+- a submission is recorded (upscaler id, callback token hash, attempt) in the same
+  atomic transition that moves the job to ``processing``; a redelivered
+  ``jobs.pending`` finds the job past ``pending`` and submits nothing;
+- a result completes the job once (compare-and-set on ``processing`` and the event
+  id); callbacks for an upscaler job that is not the job's current one are ignored;
+- transient errors never block the partition: a failed submit is retried from a
+  Redis deadline set (``retry``) by the processor's timer, and a job without a
+  callback is polled from another (``poll``) until it finishes or times out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import ValidationError
+
+from schemas.events import Command, JobEvent, UpscalerEvent, utcnow
+from schemas.job import Job
+from schemas.money import resolution_factor
+from schemas.requests import InvalidMessage, decode_json_object, describe_validation_error
+from schemas.status import Deadline, JobStatus, Stage
+from schemas.topics import JOBS_COMPLETED, JOBS_FAILED, JOBS_PROCESSING, UPSCALER_EVENTS
+from schemas.urls import HostAllowList, UnsafeURL
+from smi.errors import PermanentError, TransientError
+from smi.faults import crash_point
+from smi.fetch import Resolver, fetch_to_file, system_resolver, vet_url
+from smi.jobtable import JobNotFound, JobTable, hash_token
+from smi.kafka.producer import Publisher
+from smi.upscalers import FAILED, FINAL_STATUSES, SUCCESS, LocalUpscaler, RemoteUpscaler
+
+log = logging.getLogger(__name__)
+
+MAX_EVENT_BYTES = 1024 * 1024
+TIMEOUT_REASON = "upsampler_timeout"
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    storage_dir: Path
+    allow: HostAllowList
+    public_base_url: str
+    credit_price_cents: int
+    poll_after: timedelta
+    timeout: timedelta
+    submit_retries: int
+    max_result_bytes: int
+    tick_batch: int = 100
+
+
+class Processor:
+    def __init__(self, table: JobTable, publish: Publisher, config: ProcessorConfig, *,
+                 remote: RemoteUpscaler | None = None, local: LocalUpscaler | None = None,
+                 resolver: Resolver = system_resolver, clock: Callable[[], datetime] = utcnow):
+        if (remote is None) == (local is None):
+            raise ValueError("exactly one upscaler backend: remote (Upsampler) or local")
+        self.table = table
+        self.publish = publish
+        self.config = config
+        self.remote = remote
+        self.local = local
+        self.resolver = resolver
+        self.clock = clock
+
+    # -- jobs.pending ---------------------------------------------------------------
+
+    async def on_pending(self, raw: bytes) -> str:
+        event = _parse(JobEvent, raw)
+        return await self.start(await self._job(event.job_id))
+
+    async def start(self, job: Job, *, operator_retry: bool = False) -> str:
+        if job.status is JobStatus.PENDING or (operator_retry and job.status is JobStatus.FAILED):
+            try:
+                await vet_url(job.image_url, self.config.allow, self.resolver)
+            except UnsafeURL as exc:
+                return await self._fail(job, f"image URL rejected: {exc}")
+            if self.local is not None:
+                return await self._start_local(job)
+            return await self._submit(job, operator_retry=operator_retry)
+        if job.status is JobStatus.PROCESSING and self.local is not None:
+            return await self._run_local(job)  # the upscale of a crashed worker, redone
+        return f"nothing to do: job is {job.status}"
+
+    async def _submit(self, job: Job, *, operator_retry: bool) -> str:
+        token = secrets.token_urlsafe(32)
+        callback = f"{self.config.public_base_url.rstrip('/')}/webhooks/upsampler/{token}"
+        try:
+            submission = await self.remote.submit(job.image_url, resolution_factor(job.resolution), callback)
+        except PermanentError as exc:
+            return await self._fail(job, f"upscaler refused the job: {exc}")
+        except TransientError as exc:
+            if operator_retry:
+                raise  # the command is retried inline, then dead-lettered with the reason
+            return await self._retry_later(job, exc)
+        crash_point("processor.after_submit")
+        return await self._to_processing(job, submission.id, callback_token_hash=hash_token(token),
+                                         watch_after=self.config.poll_after)
+
+    async def _to_processing(self, job: Job, upscaler_id: str, *, callback_token_hash: str | None,
+                             watch_after: timedelta) -> str:
+        attempt = job.attempts + 1
+        now = self.clock()
+        event = JobEvent.new("processing", job.job_id, attempt=attempt, occurred_at=now,
+                             data={"upscaler_job_id": upscaler_id, "attempt": attempt})
+        fields: dict[str, Any] = {"upsampler_job_id": upscaler_id, "attempts": attempt, "processing_started_at": now,
+                                  "submit_failures": 0, "callback_token_hash": callback_token_hash}
+        result = await self.table.transition(job.job_id, JobStatus.PROCESSING, actor=Stage.PROCESSOR,
+                                             event_id=event.event_id, fields=fields,
+                                             clear=["failure_reason", "failed_at"],
+                                             deadlines={Deadline.POLL: now + watch_after})
+        if result.outcome == "rejected":
+            return f"not started: job is {result.previous}"
+        await self.publish(JOBS_PROCESSING, job.job_id, event)
+        return f"processing ({result.outcome}, attempt {attempt})"
+
+    async def _retry_later(self, job: Job, exc: TransientError) -> str:
+        failures = job.submit_failures + 1
+        if failures > self.config.submit_retries:
+            return await self._fail(job, f"upscaler unavailable after {failures} attempts: {exc}")
+        backoff = min(300.0, 2.0 * 2 ** failures) * (0.5 + random.random() / 2)
+        delay = max(backoff, getattr(exc, "retry_after", None) or 0.0)
+        await self.table.update(job.job_id, {"submit_failures": failures}, expect_status=[JobStatus.PENDING],
+                                deadlines={Deadline.RETRY: self.clock() + timedelta(seconds=delay)})
+        log.info("job %s: upscaler unavailable (%s); retry %d in %.0fs", job.job_id, exc, failures, delay)
+        return f"retry {failures} scheduled"
+
+    # -- the local backend ------------------------------------------------------------
+
+    async def _start_local(self, job: Job) -> str:
+        outcome = await self._to_processing(job, f"local-{job.job_id}-{job.attempts + 1}", callback_token_hash=None,
+                                            watch_after=self.config.timeout)
+        if not outcome.startswith("processing"):
+            return outcome
+        return await self._run_local(await self.table.get(job.job_id))
+
+    async def _run_local(self, job: Job) -> str:
+        try:
+            path = await self.local.upscale(job.job_id, job.image_url, resolution_factor(job.resolution))
+        except (PermanentError, UnsafeURL) as exc:
+            return await self._fail(job, f"local upscale failed: {exc}")
+        # Through upscaler.events like a callback, so every result takes one path.
+        await self.publish(UPSCALER_EVENTS, job.job_id, {
+            "job_id": job.job_id, "id": job.upsampler_job_id, "status": SUCCESS, "creditCost": 0,
+            "imageUrl": None, "resultPath": str(path)})
+        return "upscaled locally"
+
+    # -- upscaler.events --------------------------------------------------------------
+
+    async def on_upscaler_event(self, raw: bytes) -> str:
+        event = _parse(UpscalerEvent, raw)
+        job = await self._job(event.job_id)
+        if job.upsampler_job_id != event.id:
+            return "ignored: not the job's current upscaler job"
+        if job.status is not JobStatus.PROCESSING:
+            return f"ignored: job is {job.status}"
+        if event.status == SUCCESS:
+            return await self._complete(job, event)
+        if event.status == FAILED:
+            return await self._fail(job, f"upscaler failed: {event.error or 'no reason given'}")
+        return f"upscaler reports {event.status}"
+
+    async def _complete(self, job: Job, event: UpscalerEvent) -> str:
+        try:
+            path = await self._store_result(job, event)
+        except (PermanentError, UnsafeURL) as exc:
+            return await self._fail(job, f"result unusable: {exc}")
+        credits = math.ceil(event.credit_cost) if event.credit_cost is not None else job.credits
+        now = self.clock()
+        completed = JobEvent.new("completed", job.job_id, attempt=job.attempts, occurred_at=now,
+                                 data={"resolution": job.resolution})
+        result = await self.table.transition(job.job_id, JobStatus.COMPLETED, actor=Stage.PROCESSOR,
+                                             event_id=completed.event_id, fields={
+                                                 "upscaled_file_path": str(path), "upscaled_url": event.image_url,
+                                                 "credits": credits, "completed_at": now,
+                                                 "cost_cents": (credits or 0) * self.config.credit_price_cents})
+        if result.outcome == "rejected":
+            return f"not completed: job is {result.previous}"
+        await self.publish(JOBS_COMPLETED, job.job_id, completed)
+        return f"completed ({result.outcome})"
+
+    async def _store_result(self, job: Job, event: UpscalerEvent) -> Path:
+        job_dir = (self.config.storage_dir / job.job_id).resolve()
+        local_result = (event.model_extra or {}).get("resultPath")
+        if local_result:
+            path = Path(local_result).resolve()
+            if not path.is_relative_to(job_dir) or not path.is_file():
+                raise PermanentError("local result is missing or outside the job's storage directory")
+            return path
+        if not event.image_url:
+            raise PermanentError("SUCCESS without an imageUrl")
+        download = job_dir / f"upscaled-{job.resolution}.download"
+        fetched = await fetch_to_file(event.image_url, download, max_bytes=self.config.max_result_bytes,
+                                      allow=self.config.allow, resolver=self.resolver)
+        final = job_dir / f"upscaled-{job.resolution}.{'jpg' if fetched.kind == 'jpeg' else fetched.kind}"
+        fetched.path.replace(final)
+        return final
+
+    async def _fail(self, job: Job, reason: str) -> str:
+        now = self.clock()
+        failed = JobEvent.new("failed", job.job_id, attempt=job.attempts, occurred_at=now, data={"reason": reason})
+        result = await self.table.transition(job.job_id, JobStatus.FAILED, actor=Stage.PROCESSOR,
+                                             event_id=failed.event_id,
+                                             fields={"failure_reason": reason, "failed_at": now})
+        if result.outcome == "rejected":
+            return f"not failed: job is {result.previous}"
+        log.warning("job %s failed: %s", job.job_id, reason)
+        await self.publish(JOBS_FAILED, job.job_id, failed)
+        return f"failed: {reason}"
+
+    # -- jobs.commands ----------------------------------------------------------------
+
+    async def on_command(self, raw: bytes) -> str:
+        command = _parse(Command, raw)
+        if command.command != "retry":
+            return "not the processor's command"
+        job = await self._job(command.job_id)
+        if job.status is JobStatus.PENDING:
+            return await self.start(job)  # a stuck pending job, kicked again
+        if job.status is not JobStatus.FAILED:
+            raise PermanentError(f"retry refused: job {job.job_id} is {job.status}, not failed")
+        if job.refund_id and not command.force:
+            raise PermanentError(f"retry refused: job {job.job_id} was refunded ({job.refund_id}); "
+                                 "send force=true to retry anyway")
+        log.info("job %s: retry requested by %s", job.job_id, command.requested_by)
+        return await self.start(job, operator_retry=True)
+
+    # -- timers -----------------------------------------------------------------------
+
+    async def tick(self) -> int:
+        """Due submit retries and polls; several processors may tick at once, each
+        due item is claimed by one of them. Returns how many items were handled."""
+        handled = 0
+        lease = timedelta(minutes=2)
+        for item in await self.table.claim_due(Deadline.RETRY, limit=self.config.tick_batch, lease=lease):
+            handled += await self._guarded(item.job_id, self._retry_submit)
+        for item in await self.table.claim_due(Deadline.POLL, limit=self.config.tick_batch, lease=lease):
+            handled += await self._guarded(item.job_id, self._poll)
+        return handled
+
+    async def _guarded(self, job_id: str, step) -> int:
+        try:
+            await step(await self.table.get(job_id))
+            return 1
+        except JobNotFound:
+            return 0
+        except Exception:  # one bad job must not stop the others; its lease brings it back
+            log.exception("timer step failed for job %s", job_id)
+            return 0
+
+    async def _retry_submit(self, job: Job) -> None:
+        if job.status is JobStatus.PENDING:
+            await self.start(job)
+
+    async def _poll(self, job: Job) -> None:
+        if job.status is not JobStatus.PROCESSING:
+            return
+        now = self.clock()
+        if job.processing_started_at and now - job.processing_started_at >= self.config.timeout:
+            await self._fail(job, TIMEOUT_REASON)
+            return
+        if self.local is not None:
+            await self._run_local(job)
+        else:
+            try:
+                body = await self.remote.status(job.upsampler_job_id)
+            except (TransientError, PermanentError) as exc:
+                log.info("job %s: status poll failed: %s", job.job_id, exc)
+                body = {}
+            if body.get("status") in FINAL_STATUSES:
+                # The same path as a callback: the event handler completes or fails it.
+                await self.publish(UPSCALER_EVENTS, job.job_id, {**body, "job_id": job.job_id})
+        await self.table.update(job.job_id, {}, expect_status=[JobStatus.PROCESSING],
+                                deadlines={Deadline.POLL: min(now + self.config.poll_after,
+                                                              job.processing_started_at + self.config.timeout)
+                                           if job.processing_started_at else now + self.config.poll_after})
+
+    async def _job(self, job_id: str) -> Job:
+        try:
+            return await self.table.get(job_id)
+        except JobNotFound:
+            raise InvalidMessage(f"unknown job {job_id}") from None
+
+
+def _parse(model, raw: bytes):
+    try:
+        return model.model_validate(decode_json_object(raw, max_bytes=MAX_EVENT_BYTES))
+    except ValidationError as exc:
+        raise InvalidMessage(f"not a {model.__name__}: {describe_validation_error(exc)}") from None
+

@@ -4,6 +4,7 @@ Redis Cluster slot (design.md, "Durability ... Scale").
 
     job:{s3}:<job_id>            hash: the job record
     job:{s3}:<job_id>:h          list: transition history (JSON entries)
+    job:{s3}:<job_id>:d          set: side effects done ("email:ready", ...)
     req:{s3}                     hash: request_id -> job_id
     st:{s3}:<status>:c | :u      sorted sets (lexicographic): jobs by created/updated
     by:{s3}:<cs|pi|up|cb|tok>    hash: lookup value -> job_id
@@ -53,6 +54,9 @@ class KeySpace:
 
     def history(self, job_id: str) -> str:
         return self.job(job_id) + ":h"
+
+    def done(self, job_id: str) -> str:
+        return self.job(job_id) + ":d"
 
     def status_index(self, shard: int, status: JobStatus, order: str) -> str:
         return f"st:{self.tag(shard)}:{status.value}:{order}"

@@ -204,6 +204,16 @@ class JobTable:
     async def clear_deadline(self, job_id: str, kind: Deadline) -> None:
         await self.redis.zrem(self.keys.deadline(shard_of(job_id, self.keys.shards), kind), job_id)
 
+    async def mark_done(self, job_id: str, step: str) -> bool:
+        """Record that a side effect of ``step`` happened (an email sent, an event
+        published once). True if this call recorded it, False if it was already.
+        Check ``is_done`` before the side effect and mark after it: a crash in
+        between repeats the effect (at-least-once) rather than lose it."""
+        return bool(await self.redis.sadd(self.keys.done(job_id), step))
+
+    async def is_done(self, job_id: str, step: str) -> bool:
+        return bool(await self.redis.sismember(self.keys.done(job_id), step))
+
     # -- reads -------------------------------------------------------------------
 
     async def get(self, job_id: str) -> Job:

@@ -221,3 +221,14 @@ async def test_count_by_status(table):
         await make_job(table, status)
     counts = await table.count_by_status()
     assert counts[S.NEW] == 1 and counts[S.PENDING] == 2 and counts[S.FAILED] == 1 and counts[S.COMPLETED] == 0
+
+
+async def test_done_markers_record_each_step_once_per_job(table):
+    job = await make_job(table, S.COMPLETED)
+    other = await make_job(table, S.COMPLETED)
+    assert not await table.is_done(job.job_id, "email:ready")
+    assert await table.mark_done(job.job_id, "email:ready") is True
+    assert await table.mark_done(job.job_id, "email:ready") is False
+    assert await table.is_done(job.job_id, "email:ready")
+    assert not await table.is_done(job.job_id, "email:refund")
+    assert not await table.is_done(other.job_id, "email:ready")

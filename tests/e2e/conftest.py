@@ -57,8 +57,13 @@ def gateway_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def stage_env(namespace, stripe_proxy, gateway_port) -> dict[str, str]:
-    return {
+def storage_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("storage")
+
+
+@pytest.fixture(scope="session")
+def stage_env(namespace, stripe_proxy, gateway_port, storage_dir) -> dict[str, str]:
+    return {"STORAGE_DIR": str(storage_dir),
         "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "REDIS_URL": REDIS_URL, "REDIS_NAMESPACE": namespace,
         "REDIS_SHARDS": str(SHARDS), "PAYMENTS": "stripe", "STRIPE_API_BASE": stripe_proxy.url,
         "STRIPE_API_KEY": "sk_test_123", "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,

@@ -13,30 +13,9 @@ from schemas.events import JobEvent, make_event_id
 from schemas.status import JobStatus as S, Stage
 from schemas.topics import JOBS_FAILED
 from smi import stripe_webhooks
-from tests.e2e.conftest import (KAFKA, WEBHOOK_SECRET, job_for_request, job_request, publish_request,
-                                wait_status)
+from tests.e2e.conftest import KAFKA, job_for_request, job_request, publish_request, wait_status
+from tests.e2e.flows import completed_event, open_job, post_webhook
 from tests.support.kafka_watch import drained, eventually, for_job
-
-
-async def post_webhook(http, gateway, event: dict | bytes, *, secret: str = WEBHOOK_SECRET, timestamp=None,
-                       content_type="application/json", signed_body: bytes | None = None):
-    body = event if isinstance(event, bytes) else stripe_webhooks.encode(event)
-    header = stripe_webhooks.sign(signed_body if signed_body is not None else body, secret, timestamp)
-    async with http.post(f"{gateway.url}/webhooks/stripe", data=body,
-                         headers={"Content-Type": content_type, "Stripe-Signature": header}) as resp:
-        return resp.status, await resp.text()
-
-
-async def open_job(producer, table, **overrides):
-    body = job_request(**overrides)
-    await publish_request(producer, body)
-    return await job_for_request(table, body["request_id"])
-
-
-def completed_event(job, payment_intent=None):
-    return stripe_webhooks.checkout_session_event(
-        "checkout.session.completed", job_id=job.job_id, session_id=job.stripe_checkout_session_id,
-        amount_total=job.price_cents, payment_intent=payment_intent or f"pi_{uuid.uuid4().hex[:20]}")
 
 
 async def test_request_opens_one_checkout_session_with_the_contract_parameters(checkout, producer, table,

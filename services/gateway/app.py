@@ -8,8 +8,9 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from services.gateway import pay, public, webhooks
+from services.gateway import bodies, downloads, pay, public, upsampler_webhook, webhooks
 from services.gateway.context import CONTEXT, GatewayContext
+from services.gateway.ratelimit import FailedLookupLimiter
 from smi.jobtable import JobTable, connect
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
@@ -20,9 +21,12 @@ log = logging.getLogger(__name__)
 def create_app(ctx: GatewayContext) -> web.Application:
     # aiohttp answers 413 itself past client_max_size; the webhook checks too, so its
     # reply is a JSON error like every other refusal.
-    app = web.Application(client_max_size=webhooks.MAX_BODY_BYTES)
+    app = web.Application(client_max_size=bodies.MAX_BODY_BYTES)
     app[CONTEXT] = ctx
+    app[downloads.FAILED_LOOKUPS] = FailedLookupLimiter()
     app.router.add_post("/webhooks/stripe", webhooks.stripe_webhook)
+    app.router.add_post("/webhooks/upsampler/{callback_token}", upsampler_webhook.upsampler_webhook)
+    app.router.add_get("/downloads/{token}", downloads.download)  # HEAD too
     app.router.add_get("/jobs/{job_id}", public.job_status)
     app.router.add_get("/healthz", public.healthz)
     app.router.add_get("/metrics", public.metrics)

@@ -17,28 +17,20 @@ from pydantic import ValidationError
 from schemas.requests import InvalidMessage, decode_json_object
 from schemas.stripe_events import StripeEvent
 from schemas.topics import PAYMENTS_EVENTS
+from services.gateway.bodies import MAX_BODY_BYTES, BadBody, problem, read_body
 from services.gateway.context import CONTEXT
 from smi.stripe_webhooks import BadSignature, verify
 
 log = logging.getLogger(__name__)
-MAX_BODY_BYTES = 1024 * 1024
 PUBLISH_TIMEOUT_SECONDS = 15.0
-
-
-def problem(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 async def stripe_webhook(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    if request.content_type != "application/json":
-        return problem(415, "content type must be application/json")
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        return problem(413, f"body over {MAX_BODY_BYTES} bytes")
     try:
-        payload = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return problem(413, f"body over {MAX_BODY_BYTES} bytes")
+        payload = await read_body(request)
+    except BadBody as exc:
+        return problem(exc.status, exc.message)
     try:
         verify(payload, request.headers.get("Stripe-Signature"), ctx.settings.stripe_webhook_secret)
     except BadSignature as exc:

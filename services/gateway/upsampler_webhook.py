@@ -1,0 +1,59 @@
+"""POST /webhooks/upsampler/{callback_token}: the Upsampler API signs nothing, so the
+per-job secret in the URL is the authentication. The job table holds only its
+SHA-256 (``callback_token_hash``). The callback body, plus the job id of the job
+the token belongs to, goes to ``upscaler.events``; 200 only once Kafka has
+acknowledged it, 503 while it cannot, so the callback is retried, not lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+from aiohttp import web
+
+from schemas.requests import InvalidMessage, decode_json_object
+from schemas.topics import UPSCALER_EVENTS
+from services.gateway.context import CONTEXT
+from services.gateway.bodies import MAX_BODY_BYTES, BadBody, problem, read_body
+from services.gateway.webhooks import PUBLISH_TIMEOUT_SECONDS
+from smi.jobtable import hash_token
+
+log = logging.getLogger(__name__)
+CALLBACK_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # URL-safe base64 alphabet
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    payload = await read_body(request)
+    try:
+        return decode_json_object(payload, max_bytes=MAX_BODY_BYTES)
+    except InvalidMessage as exc:
+        raise BadBody(400, exc.reason) from None
+
+
+async def upsampler_webhook(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    outcomes = ctx.metrics.webhooks
+    token = request.match_info["callback_token"]
+    # The token is checked before the body is read: a caller without one learns nothing.
+    job = (await ctx.table.find_by("callback_token", hash_token(token))
+           if CALLBACK_TOKEN.fullmatch(token) else None)
+    if job is None:
+        outcomes.labels("upsampler", "unknown_token").inc()
+        return problem(404, "no such callback")
+    try:
+        body = await read_json_object(request)
+    except BadBody as exc:
+        outcomes.labels("upsampler", "bad_body").inc()
+        return problem(exc.status, exc.message)
+    # The job is the one the token names, whatever the body claims.
+    event = {**body, "job_id": job.job_id}
+    try:
+        await asyncio.wait_for(ctx.producer.send(UPSCALER_EVENTS, job.job_id, event), PUBLISH_TIMEOUT_SECONDS)
+    except Exception as exc:  # broker away, timeout, producer not started
+        log.warning("could not publish the Upsampler callback for job %s: %s", job.job_id, type(exc).__name__)
+        outcomes.labels("upsampler", "unavailable").inc()
+        return problem(503, "event log unavailable, retry later")
+    outcomes.labels("upsampler", "published").inc()
+    return web.json_response({"received": True})

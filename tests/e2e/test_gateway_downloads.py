@@ -1,0 +1,288 @@
+"""GET /downloads/{token} and POST /webhooks/upsampler/{callback_token} on a real
+gateway process with its own STORAGE_DIR, real Redis and Kafka. Jobs are built in
+the job table through the real transition path; their images are real files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import secrets
+import uuid
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from schemas.events import utcnow
+from schemas.status import JobStatus as S
+from smi.jobtable import hash_token
+from smi.jobtable.table import new_download_token
+from tests.e2e.conftest import free_port
+from tests.support.jobs import make_job
+from tests.support.kafka_watch import eventually, for_job
+from tests.support.processes import StageProcess
+
+PRIVATE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+
+
+@pytest.fixture(scope="module")
+def gateway_storage(tmp_path_factory):
+    """STORAGE_DIR of this module's own gateway (set explicitly: it must not depend
+    on what the session's stage_env holds)."""
+    return tmp_path_factory.mktemp("storage")
+
+
+async def start_gateway(http, env: dict[str, str], logdir, *, ready=lambda status: status == 200) -> StageProcess:
+    port = free_port()
+    stage = StageProcess("gateway", {**env, "GATEWAY_PORT": str(port)}, logdir).start()
+    stage.url = f"http://127.0.0.1:{port}"
+
+    async def up():
+        try:
+            async with http.get(f"{stage.url}/healthz") as resp:
+                return ready(resp.status)
+        except aiohttp.ClientError:
+            return False
+    try:
+        await eventually(up, timeout=60)
+    except AssertionError:
+        stage.stop()
+        pytest.fail(f"gateway did not come up:\n{stage.log_tail()}")
+    return stage
+
+
+@pytest.fixture(scope="module")
+async def downloads_gateway(stage_env, gateway_storage, tmp_path_factory, http, topics_ready):
+    stage = await start_gateway(http, {**stage_env, "STORAGE_DIR": str(gateway_storage)},
+                                tmp_path_factory.mktemp("downloads-gateway-logs"))
+    yield stage
+    stage.stop()
+
+
+@asynccontextmanager
+async def client_from(address: str):
+    """A client whose requests come from ``address`` (any of 127.0.0.0/8): its own
+    rate-limit bucket, untouched by the other tests' failed lookups."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0))) as session:
+        yield session
+
+
+def image_bytes(image_format: str) -> bytes:
+    # Noise, so the file is big enough for a meaningful Range and compresses badly.
+    image = Image.frombytes("RGB", (96, 64), os.urandom(96 * 64 * 3))
+    out = io.BytesIO()
+    image.save(out, format=image_format)
+    return out.getvalue()
+
+
+async def completed_job_with_file(table, storage, *, image_format="PNG", resolution="4x"):
+    """A completed job, its image under STORAGE_DIR (always named .png: the gateway
+    must go by the bytes) and a live download token."""
+    job = await make_job(table, S.COMPLETED, resolution=resolution)
+    path = storage / job.job_id / f"upscaled-{resolution}.png"
+    path.parent.mkdir()
+    data = image_bytes(image_format)
+    path.write_bytes(data)
+    await table.update(job.job_id, {"upscaled_file_path": str(path)})
+    token, _ = await table.issue_download_token(job.job_id, ttl_hours=24)
+    return job, token, data
+
+
+async def status_of(http, url: str) -> int:
+    async with http.get(url) as resp:
+        return resp.status
+
+
+# -- downloads -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("image_format", "content_type", "extension"), [
+    ("PNG", "image/png", "png"), ("JPEG", "image/jpeg", "jpg"), ("WEBP", "image/webp", "webp")])
+async def test_a_completed_job_streams_its_file_byte_identical_with_private_headers(
+        downloads_gateway, table, gateway_storage, http, image_format, content_type, extension):
+    job, token, data = await completed_job_with_file(table, gateway_storage, image_format=image_format)
+    url = f"{downloads_gateway.url}/downloads/{token}"
+    async with http.get(url) as resp:
+        assert resp.status == 200
+        assert await resp.read() == data
+        headers = resp.headers
+    assert headers["Content-Type"] == content_type
+    assert headers["Content-Disposition"] == f'attachment; filename="upscaled-4x-{job.job_id[:8]}.{extension}"'
+    assert headers["Content-Length"] == str(len(data))
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert {k: headers[k] for k in PRIVATE_HEADERS} == PRIVATE_HEADERS
+
+    async with http.head(url) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(len(data))
+        assert resp.headers["Content-Type"] == content_type
+        assert await resp.read() == b""
+
+
+async def test_a_range_request_gets_206_and_exactly_those_bytes(downloads_gateway, table, gateway_storage, http):
+    _, token, data = await completed_job_with_file(table, gateway_storage)
+    url = f"{downloads_gateway.url}/downloads/{token}"
+    async with http.get(url, headers={"Range": "bytes=100-1099"}) as resp:
+        assert resp.status == 206
+        assert await resp.read() == data[100:1100]
+        assert resp.headers["Content-Range"] == f"bytes 100-1099/{len(data)}"
+        assert resp.headers["Content-Length"] == "1000"
+        assert resp.headers["Content-Type"] == "image/png"
+    async with http.get(url, headers={"Range": "bytes=-10"}) as resp:  # resume the tail
+        assert resp.status == 206 and await resp.read() == data[-10:]
+
+
+async def test_an_expired_link_is_410(downloads_gateway, table, gateway_storage, http):
+    job, _, _ = await completed_job_with_file(table, gateway_storage)
+    # Issued two hours ago with a one-hour lifetime: expired an hour ago.
+    old, expiry = await table.issue_download_token(job.job_id, ttl_hours=1, now=utcnow() - timedelta(hours=2))
+    assert expiry < utcnow()
+    async with http.get(f"{downloads_gateway.url}/downloads/{old}") as resp:
+        assert resp.status == 410
+        assert {k: resp.headers[k] for k in PRIVATE_HEADERS} == PRIVATE_HEADERS
+
+    # A deadline still ahead, but the janitor has marked the download expired.
+    other, _, _ = await completed_job_with_file(table, gateway_storage)
+    live, _ = await table.issue_download_token(other.job_id, ttl_hours=24)
+    await table.update(other.job_id, {"download_expired_at": utcnow()})
+    assert await status_of(http, f"{downloads_gateway.url}/downloads/{live}") == 410
+
+
+async def test_unknown_and_revoked_tokens_are_404_and_malformed_ones_400(downloads_gateway, table, gateway_storage,
+                                                                       http):
+    base = f"{downloads_gateway.url}/downloads"
+    assert await status_of(http, f"{base}/{new_download_token()}") == 404
+    for malformed in ("short", "a" * 63, "a" * 65, "a" * 63 + "-", "a" * 63 + "é"):
+        assert await status_of(http, f"{base}/{malformed}") == 400, malformed
+
+    job, first, _ = await completed_job_with_file(table, gateway_storage)
+    second, _ = await table.issue_download_token(job.job_id, ttl_hours=24, revoke_others=True)
+    assert await status_of(http, f"{base}/{first}") == 404
+    assert await status_of(http, f"{base}/{second}") == 200
+
+
+async def test_a_job_not_completed_yet_is_425(downloads_gateway, table, http):
+    job = await make_job(table, S.PROCESSING)
+    token, _ = await table.issue_download_token(job.job_id, ttl_hours=24)
+    assert await status_of(http, f"{downloads_gateway.url}/downloads/{token}") == 425
+
+
+async def test_a_file_outside_storage_is_refused_as_404_and_the_token_is_never_logged(
+        downloads_gateway, table, gateway_storage, tmp_path, http):
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(image_bytes("PNG"))
+    job, token, _ = await completed_job_with_file(table, gateway_storage)
+    link = gateway_storage / job.job_id / "link.png"
+    link.symlink_to(outside)
+    url = f"{downloads_gateway.url}/downloads/{token}"
+    for path in (outside, gateway_storage / job.job_id / ".." / ".." / outside.parent.name / outside.name, link):
+        await table.update(job.job_id, {"upscaled_file_path": str(path)})
+        async with http.get(url) as resp:
+            assert resp.status == 404, path
+            assert await resp.read() != outside.read_bytes()
+
+    async def warned():
+        log = downloads_gateway.log_tail(100_000)
+        return log.count(f"job {job.job_id}: upscaled file path resolves outside STORAGE_DIR") == 3 and log
+    log = await eventually(warned, timeout=10)
+    assert token not in log and hash_token(token) not in log
+
+
+async def test_a_cleaned_up_file_is_410(downloads_gateway, table, gateway_storage, http):
+    job, token, _ = await completed_job_with_file(table, gateway_storage)
+    (gateway_storage / job.job_id / "upscaled-4x.png").unlink()
+    assert await status_of(http, f"{downloads_gateway.url}/downloads/{token}") == 410
+
+
+async def test_a_client_with_too_many_failed_lookups_gets_429_with_retry_after(downloads_gateway, table,
+                                                                               gateway_storage):
+    base = f"{downloads_gateway.url}/downloads"
+    _, token, _ = await completed_job_with_file(table, gateway_storage)
+    async with client_from("127.0.0.2") as guesser:
+        # Successful downloads are never charged.
+        for _ in range(25):
+            assert await status_of(guesser, f"{base}/{token}") == 200
+        for n in range(20):
+            url = f"{base}/{new_download_token()}" if n % 2 else f"{base}/not-a-token"
+            assert await status_of(guesser, url) in (400, 404)
+        for url in (f"{base}/{new_download_token()}", f"{base}/{token}"):  # hits are refused too
+            async with guesser.get(url) as resp:
+                assert resp.status == 429
+                assert 1 <= int(resp.headers["Retry-After"]) <= 3  # one lookup back every 60/20 s
+    async with client_from("127.0.0.3") as bystander:
+        assert await status_of(bystander, f"{base}/{new_download_token()}") == 404
+
+
+# -- Upsampler callbacks -----------------------------------------------------------
+
+async def job_with_callback_token(table):
+    job = await make_job(table, S.PROCESSING)
+    raw = secrets.token_urlsafe(32)
+    await table.update(job.job_id, {"callback_token_hash": hash_token(raw)})
+    return job, raw
+
+
+def callback_body(**overrides) -> dict:
+    body = {"id": f"up-{uuid.uuid4().hex[:12]}", "status": "SUCCESS", "creditCost": 16,
+            "imageUrl": "https://cdn.upsampler.example/result.png", "compressedImageUrl": None}
+    body.update(overrides)
+    return body
+
+
+async def post_callback(http, url: str, body: dict | bytes, content_type: str = "application/json"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with http.post(url, data=data, headers={"Content-Type": content_type}) as resp:
+        return resp.status
+
+
+async def test_an_upsampler_callback_is_published_with_the_job_id_its_token_names(downloads_gateway, table,
+                                                                                   http, watcher):
+    job, raw = await job_with_callback_token(table)
+    body = callback_body(job_id=str(uuid.uuid4()))  # a job_id in the body does not choose the job
+    assert await post_callback(http, f"{downloads_gateway.url}/webhooks/upsampler/{raw}", body) == 200
+    [message] = await watcher.wait_for("upscaler.events", for_job(job.job_id))
+    assert message.json() == {**body, "job_id": job.job_id}
+
+    async with http.get(f"{downloads_gateway.url}/metrics") as resp:
+        metrics = await resp.text()
+    published = re.search(r'smi_gateway_webhooks_total\{outcome="published",source="upsampler"\} (\S+)', metrics)
+    assert published and float(published.group(1)) >= 1
+
+
+async def test_bad_upsampler_callbacks_get_4xx_and_publish_nothing(downloads_gateway, table, http, watcher):
+    job, raw = await job_with_callback_token(table)
+    url = f"{downloads_gateway.url}/webhooks/upsampler/{raw}"
+    marker = f"up-unknown-{uuid.uuid4().hex}"
+    base = f"{downloads_gateway.url}/webhooks/upsampler"
+    cases = [
+        await post_callback(http, f"{base}/{secrets.token_urlsafe(32)}", callback_body(id=marker)),  # unknown
+        await post_callback(http, f"{base}/{raw}.x", callback_body(id=marker)),  # not URL-safe
+        await post_callback(http, f"{base}/{'a' * 129}", callback_body(id=marker)),  # too long
+        await post_callback(http, url, b'{"id": "up-1", "status": '),  # not JSON
+        await post_callback(http, url, b'["id", "status"]'),  # not an object
+        await post_callback(http, url, callback_body(), content_type="text/plain"),
+        await post_callback(http, url, json.dumps(callback_body(pad="x" * (2 * 1024 * 1024))).encode()),
+    ]
+    assert cases == [404, 404, 404, 400, 400, 415, 413]
+    # One good callback after them, on the same key and so the same partition: once it
+    # is there, any bad one published before it would be there too.
+    good = callback_body()
+    assert await post_callback(http, url, good) == 200
+    await watcher.wait_for("upscaler.events", for_job(job.job_id))
+    assert [m.json() for m in watcher.matching("upscaler.events", for_job(job.job_id))] == \
+        [{**good, "job_id": job.job_id}]
+    assert not [m for m in watcher.matching("upscaler.events") if marker.encode() in m.value]
+
+
+async def test_an_upsampler_callback_gets_503_while_kafka_is_unreachable(stage_env, table, http, tmp_path_factory):
+    job, raw = await job_with_callback_token(table)
+    no_kafka = {**stage_env, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    stage = await start_gateway(http, no_kafka, tmp_path_factory.mktemp("no-kafka-gateway-logs"),
+                                ready=lambda status: status == 503)
+    try:
+        assert await post_callback(http, f"{stage.url}/webhooks/upsampler/{raw}", callback_body()) == 503
+    finally:
+        stage.stop()

@@ -101,7 +101,6 @@ class Processor:
             if operator_retry:
                 raise  # the command is retried inline, then dead-lettered with the reason
             return await self._retry_later(job, exc)
-        crash_point("processor.after_submit")
         return await self._to_processing(job, submission.id, callback_token_hash=hash_token(token),
                                          watch_after=self.config.poll_after)
 
@@ -120,6 +119,7 @@ class Processor:
         if result.outcome == "rejected":
             return f"not started: job is {result.previous}"
         await self.publish(JOBS_PROCESSING, job.job_id, event)
+        crash_point("processor.after_processing")
         return f"processing ({result.outcome}, attempt {attempt})"
 
     async def _retry_later(self, job: Job, exc: TransientError) -> str:

@@ -1,0 +1,63 @@
+"""The processor with the local (Pillow) backend, end to end: a paid job is really
+upscaled, stored under STORAGE_DIR and downloadable; unsafe and bad inputs fail the
+job with the reason (issue 4)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from PIL import Image
+
+from schemas.status import JobStatus as S
+from tests.e2e.conftest import wait_status
+from tests.e2e.flows import paid_job
+from tests.support.image_server import ImageServer
+from tests.support.processes import StageProcess
+
+
+@pytest.fixture(scope="module")
+async def images():
+    async with ImageServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+async def processor(stage_env, tmp_path_factory, checkout, gateway):
+    stage = StageProcess("processor", {**stage_env, "UPSCALER": "local", "PROCESSOR_TICK_SECONDS": "0.5"},
+                         tmp_path_factory.mktemp("local-processor-logs")).start()
+    yield stage
+    stage.stop()
+
+
+async def test_a_paid_job_is_upscaled_stored_and_downloadable(processor, images, producer, table, http, gateway,
+                                                              storage_dir):
+    url = f"{images.url}/img/64x48.png?u={uuid.uuid4().hex[:8]}"
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48,
+                         resolution="4x")
+    done = await wait_status(table, job.job_id, S.COMPLETED, timeout=60)
+    assert done.upscaled_file_path.startswith(str(storage_dir))
+    with Image.open(done.upscaled_file_path) as result:
+        assert result.size == (256, 192) and result.format == "PNG"
+    assert done.cost_cents == 0  # nothing paid to an upscaler
+    token, _ = await table.issue_download_token(job.job_id, ttl_hours=1)
+    async with http.get(f"{gateway.url}/downloads/{token}") as resp:
+        assert resp.status == 200 and resp.content_type == "image/png"
+        body = await resp.read()
+    with open(done.upscaled_file_path, "rb") as stored:
+        assert body == stored.read()
+
+
+@pytest.mark.parametrize("path,reason", [
+    ("/redirect?to=http://169.254.169.254/latest/meta-data", "not public"),
+    ("/redirect?to=http://10.0.0.1/a.png", "not public"),
+    ("/text", "not an image"),
+    ("/status/404", "404"),
+])
+async def test_bad_images_fail_the_job_with_the_reason(processor, images, producer, table, http, gateway, path,
+                                                      reason):
+    job = await paid_job(producer, table, http, gateway, image_url=f"{images.url}{path}&u={uuid.uuid4().hex[:6]}"
+                         if "?" in path else f"{images.url}{path}?u={uuid.uuid4().hex[:6]}",
+                         image_width=64, image_height=48)
+    failed = await wait_status(table, job.job_id, S.FAILED, timeout=60)
+    assert reason in failed.failure_reason, failed.failure_reason

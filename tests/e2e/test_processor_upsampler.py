@@ -1,0 +1,220 @@
+"""The processor with the Upsampler backend, end to end: real checkout, gateway and
+processor processes, a faithful fake Upsampler server that really upscales and
+calls back through the gateway, real Kafka, Redis and stripe-mock (issue 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from PIL import Image
+
+from schemas.events import Command, JobEvent, make_event_id
+from schemas.status import JobStatus as S
+from schemas.topics import JOBS_COMMANDS, JOBS_PENDING
+from tests.e2e.conftest import KAFKA, wait_status
+from tests.e2e.flows import paid_job
+from tests.support.fake_upsampler import DEFAULT_API_KEY, FakeUpsampler
+from tests.support.image_server import ImageServer
+from tests.support.kafka_watch import drained, eventually, for_job
+from tests.support.processes import StageProcess
+
+TIMEOUT_SECONDS = 12
+
+
+@pytest.fixture(scope="module")
+async def images():
+    async with ImageServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+async def upsampler():
+    async with FakeUpsampler() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+async def processor(stage_env, upsampler, tmp_path_factory, checkout, gateway):
+    stage = StageProcess("processor", {
+        **stage_env, "UPSCALER": "upsampler", "UPSAMPLER_BASE_URL": upsampler.base_url,
+        "UPSAMPLER_API_KEY": DEFAULT_API_KEY, "UPSAMPLER_POLL_AFTER_SECONDS": "2",
+        "UPSAMPLER_TIMEOUT_MINUTES": str(TIMEOUT_SECONDS / 60), "PROCESSOR_TICK_SECONDS": "0.5",
+    }, tmp_path_factory.mktemp("processor-logs")).start()
+    yield stage
+    stage.stop()
+
+
+@pytest.fixture(autouse=True)
+def default_script(upsampler):
+    upsampler.script(latency=0.05, fail_submits_with=[], outcome="SUCCESS", callback=True, result="normal")
+
+
+def submissions_for(upsampler, image_url: str) -> list[dict]:
+    return [s for s in upsampler.submissions if (s["body"] or {}).get("input", {}).get("imageUrl") == image_url]
+
+
+def unique_image(images, w=64, h=48) -> str:
+    return f"{images.url}/img/{w}x{h}.png?u={uuid.uuid4().hex[:8]}"
+
+
+async def test_callback_path_completes_with_a_real_upscaled_file(processor, upsampler, images, producer, table,
+                                                                http, gateway, watcher):
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48,
+                         resolution="4x")
+    done = await wait_status(table, job.job_id, S.COMPLETED, timeout=60)
+    with Image.open(done.upscaled_file_path) as result:
+        assert result.size == (256, 192)
+    assert (done.credits, done.cost_cents, done.attempts) == (1, 4, 1)
+    assert done.upscaled_url and done.completed_at and done.processing_started_at
+    [submission] = submissions_for(upsampler, url)
+    body = submission["body"]
+    assert body["input"] == {"imageUrl": url, "inputImageType": "universal", "upscaleFactor": 4}
+    assert body["webhook"].startswith(f"{gateway.url}/webhooks/upsampler/")
+    assert done.callback_token_hash and body["webhook"].rsplit("/", 1)[1] not in json.dumps(done.model_dump(mode="json"))
+    [processing] = await watcher.wait_for("jobs.processing", for_job(job.job_id))
+    assert json.loads(processing.value)["event_id"] == make_event_id(job.job_id, "processing", 1)
+    await watcher.wait_for("jobs.completed", for_job(job.job_id))
+
+
+async def test_polling_path_completes_a_job_whose_callback_never_comes(processor, upsampler, images, producer, table,
+                                                                      http, gateway):
+    upsampler.script(callback=False)
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    done = await wait_status(table, job.job_id, S.COMPLETED, timeout=60)
+    assert upsampler.status_calls.count(done.upsampler_job_id) >= 1
+    assert not [c for c in upsampler.callbacks_sent if c["body"]["id"] == done.upsampler_job_id]
+
+
+async def test_a_job_that_never_finishes_fails_with_upsampler_timeout_and_is_refunded(
+        processor, upsampler, images, producer, table, http, gateway, stripe_proxy):
+    upsampler.script(latency=600, callback=False)
+    job = await paid_job(producer, table, http, gateway, image_url=unique_image(images), image_width=64,
+                         image_height=48)
+    failed = await wait_status(table, job.job_id, S.FAILED, timeout=TIMEOUT_SECONDS + 30)
+    assert failed.failure_reason == "upsampler_timeout"
+    refunded = await eventually(lambda: _refund_recorded(table, job.job_id), timeout=30)
+    assert refunded.refund_id and refunded.refund_amount_cents  # stripe-mock answers with a fixture amount
+    refunds = stripe_proxy.matching("POST", "/v1/refunds", **{"metadata[job_id]": job.job_id})
+    assert {r.idempotency_key for r in refunds} == {f"refund-{job.job_id}"}
+
+
+async def _refund_recorded(table, job_id):
+    job = await table.get(job_id)
+    return job if job.refund_id else None
+
+
+async def test_a_500_then_success_is_retried_without_blocking_and_completes(processor, upsampler, images, producer,
+                                                                           table, http, gateway):
+    upsampler.script(fail_submits_with=[500])
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    await eventually(lambda: submissions_for(upsampler, url), timeout=30)  # the 500
+    # While that job waits for its retry, another one goes straight through: the
+    # retry is a deadline in Redis, not a sleep in the partition's consumer.
+    other_url = unique_image(images)
+    other = await paid_job(producer, table, http, gateway, image_url=other_url, image_width=64, image_height=48)
+    await wait_status(table, other.job_id, S.COMPLETED, timeout=60)
+    done = await wait_status(table, job.job_id, S.COMPLETED, timeout=60)
+    assert done.attempts == 1
+    answered = [s["answered"] for s in submissions_for(upsampler, url)]
+    assert answered == [500, 200]
+    assert done.completed_at > (await table.get(other.job_id)).completed_at
+
+
+async def test_failed_upscale_fails_the_job_and_checkout_refunds_it_once(processor, upsampler, images, producer,
+                                                                        table, http, gateway, stripe_proxy, watcher):
+    upsampler.script(outcome="FAILED", error="Image format unsupported")
+    job = await paid_job(producer, table, http, gateway, image_url=unique_image(images), image_width=64,
+                         image_height=48)
+    failed = await wait_status(table, job.job_id, S.FAILED, timeout=60)
+    assert failed.failure_reason == "upscaler failed: Image format unsupported"
+    [message] = await watcher.wait_for("jobs.failed", for_job(job.job_id))
+    assert json.loads(message.value)["data"] == {"reason": "upscaler failed: Image format unsupported"}
+    await eventually(lambda: _refund_recorded(table, job.job_id), timeout=30)
+    await drained(KAFKA, "checkout", ["jobs.failed"])
+    refunds = stripe_proxy.matching("POST", "/v1/refunds", **{"metadata[job_id]": job.job_id})
+    assert len(refunds) == 1 and refunds[0].idempotency_key == f"refund-{job.job_id}"
+
+
+async def test_redelivered_pending_and_duplicate_callbacks_change_nothing(processor, upsampler, images, producer,
+                                                                         table, http, gateway, watcher):
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    done = await wait_status(table, job.job_id, S.COMPLETED, timeout=60)
+    [submission] = submissions_for(upsampler, url)
+    callback = submission["body"]["webhook"]
+    body = {"id": done.upsampler_job_id, "status": "SUCCESS", "creditCost": 1,
+            "imageUrl": done.upscaled_url}
+    for _ in range(3):
+        await producer.send(JOBS_PENDING, job.job_id, JobEvent.new("pending", job.job_id))
+        async with http.post(callback, json=body) as resp:
+            assert resp.status == 200
+    await drained(KAFKA, "processor", ["jobs.pending", "upscaler.events"])
+    assert len(submissions_for(upsampler, url)) == 1
+    history = await table.history(job.job_id)
+    assert [h.target for h in history].count(S.COMPLETED) == 1
+    completed = watcher.matching("jobs.completed", for_job(job.job_id))
+    assert {json.loads(m.value)["event_id"] for m in completed} == {make_event_id(job.job_id, "completed", 1)}
+
+
+async def test_killed_after_the_submission_is_recorded_it_completes_once_without_resubmitting(
+        processor, upsampler, images, producer, table, http, gateway):
+    upsampler.script(latency=3)  # the callback comes while the processor is down
+    processor.kill()
+    processor.start(SMI_CRASH_AT="processor.after_processing")
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    assert await asyncio.to_thread(processor.wait_exit, 120) == 137
+    assert (await table.get(job.job_id)).status is S.PROCESSING
+    processor.start()
+    await wait_status(table, job.job_id, S.COMPLETED, timeout=90)
+    assert len(submissions_for(upsampler, url)) == 1
+
+
+async def test_retry_command_is_refused_after_a_refund_unless_forced(processor, upsampler, images, producer, table,
+                                                                    http, gateway, watcher):
+    upsampler.script(outcome="FAILED", error="temporary glitch")
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    await wait_status(table, job.job_id, S.FAILED, timeout=60)
+    await eventually(lambda: _refund_recorded(table, job.job_id), timeout=30)
+    upsampler.script(outcome="SUCCESS")
+
+    await producer.send(JOBS_COMMANDS, job.job_id, Command(command="retry", job_id=job.job_id, requested_by="ops"))
+    [letter] = await watcher.wait_for("jobs.dead_letter", lambda m: m.key == job.job_id.encode()
+                                      and json.loads(m.value)["source_topic"] == "jobs.commands")
+    assert "refunded" in json.loads(letter.value)["error"]
+    assert (await table.get(job.job_id)).status is S.FAILED
+
+    await producer.send(JOBS_COMMANDS, job.job_id,
+                        Command(command="retry", job_id=job.job_id, requested_by="ops", force=True))
+    done = await wait_status(table, job.job_id, S.COMPLETED, timeout=60)
+    assert done.attempts == 2 and done.failure_reason is None
+    assert [h.target for h in await table.history(job.job_id)][-3:] == [S.FAILED, S.PROCESSING, S.COMPLETED]
+    assert len(submissions_for(upsampler, url)) == 2
+
+
+@pytest.mark.parametrize("image_url,reason", [
+    ("http://10.0.0.1/a.png", "not public"),
+    ("http://169.254.169.254/latest/meta-data", "not public"),
+    ("http://[::1]/a.png", "not public"),
+    ("file:///etc/passwd", "scheme"),
+    ("gopher://example.com/a", "scheme"),
+])
+async def test_urls_that_are_not_public_fail_the_job_before_any_request(processor, upsampler, table, producer,
+                                                                       image_url, reason):
+    from tests.support.jobs import make_job
+
+    # Straight into the table: checkout's own validation would stop these earlier.
+    job = await make_job(table, S.PENDING, image_url=image_url)
+    before = len(upsampler.submissions)
+    await producer.send(JOBS_PENDING, job.job_id, JobEvent.new("pending", job.job_id))
+    failed = await wait_status(table, job.job_id, S.FAILED, timeout=30)
+    assert reason in failed.failure_reason and failed.failure_reason.startswith("image URL rejected")
+    assert len(upsampler.submissions) == before
+

@@ -218,3 +218,14 @@ async def test_urls_that_are_not_public_fail_the_job_before_any_request(processo
     assert reason in failed.failure_reason and failed.failure_reason.startswith("image URL rejected")
     assert len(upsampler.submissions) == before
 
+
+
+@pytest.mark.parametrize("result,reason", [("not_image", "not an image"), ("bad_url", "404")])
+async def test_an_unusable_result_fails_the_job_with_the_reason(processor, upsampler, images, producer, table, http,
+                                                               gateway, result, reason):
+    upsampler.script(result=result)
+    job = await paid_job(producer, table, http, gateway, image_url=unique_image(images), image_width=64,
+                         image_height=48)
+    failed = await wait_status(table, job.job_id, S.FAILED, timeout=60)
+    assert failed.failure_reason.startswith("result unusable") and reason in failed.failure_reason, \
+        failed.failure_reason

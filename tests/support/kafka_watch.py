@@ -103,8 +103,9 @@ async def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
     await consumer.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)
-        await consumer.topics()  # loads the cluster's metadata
-        partitions = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or ())]
+        cluster = await consumer._client.fetch_all_metadata()  # consumer.topics() leaves its own metadata empty
+        partitions = [TopicPartition(t, p) for t in topics for p in (cluster.partitions_for_topic(t) or ())]
+        assert partitions, f"no partitions found for {topics}"
         ends = await consumer.end_offsets(partitions)
         return sum(max(0, end - (committed[tp].offset if tp in committed else 0)) for tp, end in ends.items())
     finally:

@@ -1,0 +1,46 @@
+"""The notifier stage: a thin Faust app that feeds four topics to the plain async
+handlers of services/notifier/handlers.py (consumer group ``notifier``)."""
+
+from __future__ import annotations
+
+import faust
+
+from schemas.topics import JOBS_COMMANDS, JOBS_COMPLETED, JOBS_EXPIRING, PAYMENTS_REFUNDS
+from services.notifier.handlers import Notifier, NotifierConfig
+from smi.jobtable import JobTable, connect
+from smi.kafka.app import attach_producer, create_app
+from smi.kafka.handling import RetryPolicy, SourceMessage, add_stage_agent
+from smi.kafka.producer import EventProducer
+from smi.mailer import Mailer
+from smi.settings import Settings
+
+STAGE = "notifier"
+# SMTP outages (a server restarting, a relay answering 4xx while it is throttled)
+# last minutes rather than seconds: ride them out for roughly 2.5 to 5 minutes
+# before the message is dead-lettered.
+SMTP_RETRY_POLICY = RetryPolicy(retries=10, backoff=1.0, max_backoff=60.0)
+
+
+def build(settings: Settings, **app_overrides) -> tuple[faust.App, Notifier]:
+    app = create_app(STAGE, settings, **app_overrides)
+    producer = attach_producer(app, EventProducer.from_settings(settings, client_id=STAGE))
+    table = JobTable(connect(settings.redis_url, settings.redis_cluster_nodes), shards=settings.redis_shards,
+                     namespace=settings.redis_namespace)
+    notifier = Notifier(table, Mailer.from_url(settings.smtp_url), NotifierConfig.from_settings(settings))
+
+    async def completed(message: SourceMessage) -> None:
+        await notifier.on_completed(message.value)
+
+    async def refund(message: SourceMessage) -> None:
+        await notifier.on_refund(message.value)
+
+    async def expiring(message: SourceMessage) -> None:
+        await notifier.on_expiring(message.value)
+
+    async def command(message: SourceMessage) -> None:
+        await notifier.on_command(message)
+
+    for spec, handler in ((JOBS_COMPLETED, completed), (PAYMENTS_REFUNDS, refund), (JOBS_EXPIRING, expiring),
+                          (JOBS_COMMANDS, command)):
+        add_stage_agent(app, spec, handler, producer, policy=SMTP_RETRY_POLICY)
+    return app, notifier

@@ -1,0 +1,155 @@
+"""The customer emails, built without I/O: each builder returns an EmailMessage with
+a plain-text body and an HTML alternative.
+
+Every value that goes into the HTML is escaped (the shop name, the image URL and
+the link all come from configuration or upstream systems). The Message-ID is
+derived from the kind, the job and the occurrence (a resend command, an expiry
+warning), so a message sent twice after a crash carries the same id and mail
+clients and operators can tell it is a repeat."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime
+
+from schemas.job import Job
+from schemas.money import format_usd, resolution_factor
+
+READY = "ready"
+RESEND = "resend"
+EXPIRING = "expiring"
+REFUND = "refund"
+MESSAGE_ID_DOMAIN = "smi-pipeline"
+
+
+@dataclass(frozen=True)
+class Letterhead:
+    """Who the emails come from (MAIL_FROM, SHOP_NAME, REPLY_TO, ADMIN_EMAIL)."""
+
+    shop_name: str
+    mail_from: str
+    reply_to: str = ""
+    admin_email: str = ""  # gets a blind copy of every email when set
+
+
+@dataclass(frozen=True)
+class DownloadLink:
+    url: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Link:
+    label: str
+    url: str
+
+
+Block = str | Link  # a paragraph of text, or a labelled link
+
+
+def download_url(public_base_url: str, token: str) -> str:
+    return f"{public_base_url.rstrip('/')}/downloads/{token}"
+
+
+def message_id(kind: str, job_id: str, occurrence: str = "1") -> str:
+    return f"<{kind}.{job_id}.{occurrence}@{MESSAGE_ID_DOMAIN}>"
+
+
+def format_moment(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%A %d %B %Y, %H:%M UTC")
+
+
+def describe_output(job: Job) -> str:
+    factor = resolution_factor(job.resolution)
+    return f"{job.resolution} ({job.image_width * factor} × {job.image_height * factor} pixels)"
+
+
+# -- the emails --------------------------------------------------------------------
+
+
+def download_ready(letterhead: Letterhead, job: Job, link: DownloadLink, *, sent_at: datetime) -> EmailMessage:
+    return _compose(
+        letterhead, job, kind=READY, occurrence="1", sent_at=sent_at,
+        subject=f"Your high-resolution image is ready - {letterhead.shop_name}",
+        blocks=["Hello,",
+                f"Thank you for your purchase. Your image has been upscaled to {describe_output(job)} "
+                "and is ready to download:",
+                Link("Download your image", link.url),
+                f"The link works until {format_moment(link.expires_at)}; after that the file is deleted, "
+                "so please save it before then.",
+                Link("Original image", job.image_url)])
+
+
+def download_resent(letterhead: Letterhead, job: Job, link: DownloadLink, *, occurrence: str,
+                    sent_at: datetime) -> EmailMessage:
+    return _compose(
+        letterhead, job, kind=RESEND, occurrence=occurrence, sent_at=sent_at,
+        subject=f"Your new download link - {letterhead.shop_name}",
+        blocks=["Hello,",
+                f"Here is a new link to your image, upscaled to {describe_output(job)}:",
+                Link("Download your image", link.url),
+                f"It works until {format_moment(link.expires_at)}. Links we sent you earlier no longer work.",
+                Link("Original image", job.image_url)])
+
+
+def download_expiring(letterhead: Letterhead, job: Job, link: DownloadLink, *, occurrence: str,
+                      sent_at: datetime) -> EmailMessage:
+    return _compose(
+        letterhead, job, kind=EXPIRING, occurrence=occurrence, sent_at=sent_at,
+        subject=f"Your download link expires soon - {letterhead.shop_name}",
+        blocks=["Hello,",
+                f"Your upscaled image ({describe_output(job)}) can be downloaded until "
+                f"{format_moment(link.expires_at)}. After that the file is deleted.",
+                Link("Download your image", link.url),
+                Link("Original image", job.image_url)])
+
+
+def refund_processed(letterhead: Letterhead, job: Job, *, amount_cents: int, sent_at: datetime) -> EmailMessage:
+    return _compose(
+        letterhead, job, kind=REFUND, occurrence="1", sent_at=sent_at,
+        subject=f"Refund Processed - {letterhead.shop_name}",
+        blocks=["Hello,",
+                "We are sorry: we could not complete the upscaling of your image, so we have refunded "
+                f"your payment of {format_usd(amount_cents)} in full.",
+                "The money should be back on your card or account within 3-5 business days, "
+                "depending on your bank.",
+                Link("Original image", job.image_url)])
+
+
+# -- composition -------------------------------------------------------------------
+
+
+def _compose(letterhead: Letterhead, job: Job, *, kind: str, occurrence: str, sent_at: datetime,
+             subject: str, blocks: list[Block]) -> EmailMessage:
+    """The caller makes sure the job has an email address."""
+    blocks = [*blocks, letterhead.shop_name]
+    message = EmailMessage()
+    message["Subject"] = subject
+    message["From"] = letterhead.mail_from
+    message["To"] = job.email
+    if letterhead.reply_to:
+        message["Reply-To"] = letterhead.reply_to
+    if letterhead.admin_email:
+        message["Bcc"] = letterhead.admin_email
+    message["Date"] = format_datetime(sent_at.astimezone(UTC))
+    message["Message-ID"] = message_id(kind, job.job_id, occurrence)
+    # RFC 3834: a machine sent this; out-of-office replies should not answer it.
+    message["Auto-Submitted"] = "auto-generated"
+    message.set_content(_text(blocks))
+    message.add_alternative(_html(subject, blocks), subtype="html")
+    return message
+
+
+def _text(blocks: list[Block]) -> str:
+    return "\n\n".join(f"{b.label}: {b.url}" if isinstance(b, Link) else b for b in blocks) + "\n"
+
+
+def _html(title: str, blocks: list[Block]) -> str:
+    e = html.escape
+    body = "\n".join(f'<p><a href="{e(b.url)}">{e(b.label)}</a></p>' if isinstance(b, Link) else f"<p>{e(b)}</p>"
+                     for b in blocks)
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{e(title)}</title></head>\n'
+            f"<body>\n{body}\n</body></html>\n")

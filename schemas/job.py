@@ -19,6 +19,7 @@ INT_FIELDS = frozenset({
 TIME_FIELDS = frozenset({
     "created_at", "updated_at", "paid_at", "processing_started_at", "completed_at", "failed_at",
     "refunded_at", "download_expires_at", "download_expired_at", "payment_failed_at",
+    "abandoned_at",
 })
 # Fields the table manages itself; update() refuses them (status moves only through
 # transition(), tokens only through issue_download_token()).
@@ -70,6 +71,7 @@ class Job(BaseModel):
     refunded_at: datetime | None = None
     attempts: int = 0
     submit_failures: int = 0  # transient failures submitting the current attempt
+    abandoned_at: datetime | None = None
     created_at: datetime
     updated_at: datetime
 

@@ -82,6 +82,7 @@ class Deadline(StrEnum):
     POLL = "poll"  # processing: no callback yet, ask the upscaler (and time out)
     WARN = "warn"  # download expires within EXPIRY_WARNING_HOURS
     EXPIRE = "expire"  # download expired: delete the file
+    PURGE = "purge"  # failed: its files are kept FAILED_RETENTION_DAYS, then deleted
 
 
 DEADLINE_STATUS: dict[Deadline, JobStatus] = {
@@ -90,4 +91,5 @@ DEADLINE_STATUS: dict[Deadline, JobStatus] = {
     Deadline.POLL: JobStatus.PROCESSING,
     Deadline.WARN: JobStatus.COMPLETED,
     Deadline.EXPIRE: JobStatus.COMPLETED,
+    Deadline.PURGE: JobStatus.FAILED,
 }

@@ -6,10 +6,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import dataclasses
+import getpass
+import json
 import logging
+import os
 import sys
+from typing import Any, Awaitable, Callable, TypeVar
 
+from rich.live import Live
+
+from schemas.status import JobStatus
+from smi.jobtable import JobNotFound, JobTable
+from smi.kafka.producer import EventProducer
+from smi.ops.commands import send_command
+from smi.ops.jobs import MAX_LIMIT, ORDER_BY, list_jobs, opened_table, require_job, show_job
+from smi.ops.lag import measure, watch
+from smi.ops.render import console, job_detail, jobs_table, lag_tables, revenue_table
+from smi.ops.revenue import revenue
 from smi.settings import Settings
+from smi.stack.layout import Layout
 from smi.stack.manager import COMPONENT_NAMES, Stack
 from smi.stack.report import render_down, render_status, render_up, status_json
 from smi.stack.topics import ensure_topics
@@ -52,10 +69,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     from smi.stages import STAGES, run_stage
     from smi.supervisor import Supervisor
 
-    if args.stage == "all":
-        print(f"starting {', '.join(STAGES)}; Ctrl-C stops them all")
-        return asyncio.run(Supervisor(list(STAGES)).run())
-    run_stage(args.stage, Settings())
+    if args.stage != "all":
+        if args.demo:
+            print("--demo goes with `smi run all`", file=sys.stderr)
+            return 2
+        run_stage(args.stage, Settings())
+        return 0
+    print(f"starting {', '.join(STAGES)}; Ctrl-C stops them all", flush=True)
+    companion = functools.partial(_demo, Settings(), once=args.once, timeout=args.timeout) if args.demo else None
+    return asyncio.run(Supervisor(list(STAGES), companion=companion, stop_after_companion=args.once).run())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return asyncio.run(_demo(Settings(), once=args.once, timeout=args.timeout))
+
+
+async def _demo(settings: Settings, *, once: bool, timeout: float) -> int:
+    from smi.demo.flow import DemoFailed, run_demo
+
+    try:
+        await run_demo(settings, timeout=timeout)
+    except DemoFailed as exc:
+        print(f"demo failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    if not once:
+        base = settings.public_base_url.rstrip("/")
+        print(f"\nThe system keeps running (Ctrl-C stops it):\n  gateway  {base}/healthz\n"
+              f"  pay page {base}/pay/<job_id>  (PAYMENTS=local)\n  admin    {base}/admin\n"
+              f"  mail     {Layout.from_env().data_dir('mail')}", flush=True)
+        await asyncio.Event().wait()
     return 0
 
 
@@ -70,6 +112,139 @@ def cmd_stripe_trigger(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.event_type} for job {args.job}: gateway answered {status} {body}")
     return 0 if 200 <= status < 300 else 1
+
+
+T = TypeVar("T")
+
+
+def _on_table(work: Callable[[JobTable], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with opened_table(Settings()) as table:
+            return await work(table)
+    return asyncio.run(run())
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _not_found(job_id: str) -> int:
+    print(f"no job {job_id}", file=sys.stderr)
+    return 1
+
+
+def _requested_by() -> str:
+    """Who sent an operator command, as the stages log it: cli:<unix user>."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
+        user = str(os.getuid())
+    return f"cli:{user}"
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    page = _on_table(lambda table: list_jobs(table, statuses=args.status, limit=args.limit,
+                                             order_by=args.order_by, cursor=args.cursor))
+    if args.json:
+        _print_json({"jobs": [job.redacted() for job in page.jobs], "next_cursor": page.next_cursor})
+    else:
+        console().print(jobs_table(page.jobs, page.next_cursor))
+    return 0
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    try:
+        view = _on_table(lambda table: show_job(table, args.job_id))
+    except JobNotFound:
+        return _not_found(args.job_id)
+    if args.json:
+        _print_json(view)
+    else:
+        console().print(job_detail(view))
+    return 0
+
+
+def _send_job_command(command: str, job_id: str, *, force: bool = False) -> int:
+    settings = Settings()
+
+    async def run() -> None:
+        async with opened_table(settings) as table:
+            await require_job(table, job_id)
+        async with EventProducer.from_settings(settings, client_id="smi-cli") as producer:
+            await send_command(producer, command, job_id, requested_by=_requested_by(), force=force)
+
+    _quiet_kafka_client()
+    try:
+        asyncio.run(run())
+    except JobNotFound:
+        return _not_found(job_id)
+    print(f"{command}{' (forced)' if force else ''} requested for job {job_id}; "
+          f"follow it with `smi jobs show {job_id}`")
+    return 0
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    return _send_job_command("retry", args.job_id, force=args.force)
+
+
+def cmd_jobs_resend(args: argparse.Namespace) -> int:
+    return _send_job_command("resend_download", args.job_id)
+
+
+def cmd_revenue(args: argparse.Namespace) -> int:
+    totals = _on_table(revenue)
+    if args.json:
+        _print_json(dataclasses.asdict(totals))
+    else:
+        console().print(revenue_table(totals))
+    return 0
+
+
+def cmd_lag(args: argparse.Namespace) -> int:
+    _quiet_kafka_client()
+    bootstrap = Settings().kafka_bootstrap_servers
+    if not args.watch:
+        groups = asyncio.run(measure(bootstrap))
+        if args.json:
+            _print_json([dataclasses.asdict(group) for group in groups])
+        else:
+            console().print(lag_tables(groups))
+        return 0
+
+    async def follow() -> None:
+        if args.json:  # one JSON document per line and refresh (JSON Lines)
+            async for groups in watch(bootstrap):
+                print(json.dumps([dataclasses.asdict(group) for group in groups]), flush=True)
+            return
+        with Live(auto_refresh=False) as live:
+            async for groups in watch(bootstrap):
+                live.update(lag_tables(groups), refresh=True)
+
+    try:
+        asyncio.run(follow())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _status_list(text: str) -> list[JobStatus]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = [status.value for status in JobStatus]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown status {', '.join(unknown) or '(none)'}; choose from {','.join(known)}")
+    return [JobStatus(name) for name in names]
+
+
+def _limit(text: str) -> int:
+    try:
+        limit = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"{limit} is out of range 1..{MAX_LIMIT}")
+    return limit
 
 
 def _component_list(text: str) -> list[str]:
@@ -105,9 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     from smi.stages import STAGES
     from smi.trigger import EVENT_TYPES
 
-    run = commands.add_parser("run", help="run one stage, or all of them under a supervisor")
+    demo_options = argparse.ArgumentParser(add_help=False)
+    demo_options.add_argument("--once", action="store_true", help="exit when the demo job completed (0) or not (1)")
+    demo_options.add_argument("--timeout", type=float, default=180.0, help="seconds the demo job may take")
+
+    run = commands.add_parser("run", parents=[demo_options],
+                              help="run one stage, or all of them under a supervisor")
     run.add_argument("stage", choices=[*STAGES, "all"])
+    run.add_argument("--demo", action="store_true", help="with `all`: run `smi demo` once the stages are up")
     run.set_defaults(handler=cmd_run)
+
+    demo = commands.add_parser("demo", parents=[demo_options],
+                               help="a real job through the running system: order, pay, upscale, email")
+    demo.set_defaults(handler=cmd_demo)
 
     stripe = commands.add_parser("stripe", help="Stripe test helpers")
     stripe_commands = stripe.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -117,6 +302,36 @@ def build_parser() -> argparse.ArgumentParser:
     trigger.add_argument("--job", required=True, help="the job id")
     trigger.add_argument("--url", help="the gateway's base URL (default PUBLIC_BASE_URL)")
     trigger.set_defaults(handler=cmd_stripe_trigger)
+
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    jobs = commands.add_parser("jobs", help="list, inspect and act on jobs")
+    jobs_commands = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = jobs_commands.add_parser("list", parents=[as_json], help="jobs, newest first")
+    listing.add_argument("--status", type=_status_list, metavar="A,B",
+                         help=f"only jobs in these statuses ({','.join(s.value for s in JobStatus)})")
+    listing.add_argument("--limit", type=_limit, default=50, metavar="N", help=f"at most N jobs, 1..{MAX_LIMIT} (50)")
+    listing.add_argument("--order-by", choices=ORDER_BY, default="created_at", help="newest first by this moment")
+    listing.add_argument("--cursor", help="the next_cursor of the previous page")
+    listing.set_defaults(handler=cmd_jobs_list)
+    show = jobs_commands.add_parser("show", parents=[as_json], help="one job and its history")
+    show.add_argument("job_id", metavar="ID")
+    show.set_defaults(handler=cmd_jobs_show)
+    retry = jobs_commands.add_parser("retry", help="ask the processor to process a failed job again")
+    retry.add_argument("job_id", metavar="ID")
+    retry.add_argument("--force", action="store_true", help="retry even if the job was refunded")
+    retry.set_defaults(handler=cmd_jobs_retry)
+    resend = jobs_commands.add_parser("resend", help="email a completed job's download link again (a new link)")
+    resend.add_argument("job_id", metavar="ID")
+    resend.set_defaults(handler=cmd_jobs_resend)
+
+    lag = commands.add_parser("lag", parents=[as_json], help="consumer lag and status of each stage's group")
+    lag.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
+    lag.set_defaults(handler=cmd_lag)
+
+    commands.add_parser("revenue", parents=[as_json], help="charged, cost, refunds, profit, margin"
+                        ).set_defaults(handler=cmd_revenue)
     return parser
 
 

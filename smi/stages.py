@@ -6,25 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import logging
 
+from smi.jobtable import open_table
+from smi.logs import logging_config, setup_logging
+from smi.metrics import GaugeRefresher, start_metrics_server
 from smi.settings import Settings
 
-FAUST_STAGES = ("checkout", "processor")  # grows as the other stages land
+FAUST_STAGES = ("checkout", "processor", "notifier", "janitor")  # grows as the other stages land
 STAGES = FAUST_STAGES + ("gateway",)
 
 
 def run_stage(stage: str, settings: Settings, *, loglevel: str = "info") -> None:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    setup_logging(stage, loglevel, settings.log_format)
     if stage == "gateway":
         from services.gateway.app import serve
 
-        logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s gateway %(name)s: %(message)s")
         asyncio.run(serve(settings))
         return
     from faust import Worker
 
     module = importlib.import_module(f"services.{stage}.app")
     app, _ = module.build(settings)
-    Worker(app, loglevel=loglevel).execute_from_commandline()
+    start_metrics_server(settings.metrics_port_for(stage))
+    # The stage's table lives inside its handlers; the gauges read through a small client of their own.
+    table = open_table(settings, max_connections=2)
+    app.add_dependency(GaugeRefresher(stage, table, settings.kafka_bootstrap_servers))
+    # The Worker sets logging up again when it starts: hand it the same configuration.
+    Worker(app, loglevel=loglevel,
+           logging_config=logging_config(stage, loglevel, settings.log_format)).execute_from_commandline()

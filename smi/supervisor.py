@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from typing import Awaitable, Callable
 
 RESTART_BACKOFF = (1, 2, 4, 8, 16, 30)  # seconds; reset once a stage has run a minute
 STABLE_AFTER_SECONDS = 60
@@ -16,8 +17,14 @@ STOP_TIMEOUT_SECONDS = 20
 
 
 class Supervisor:
-    def __init__(self, stages: list[str], env: dict[str, str] | None = None):
+    def __init__(self, stages: list[str], env: dict[str, str] | None = None,
+                 companion: Callable[[], Awaitable[int]] | None = None, stop_after_companion: bool = False):
+        """``companion`` runs beside the stages once they are started (the demo);
+        with ``stop_after_companion`` its exit code ends the whole run."""
         self.stages = stages
+        self.companion = companion
+        self.stop_after_companion = stop_after_companion
+        self.exit_code = 0
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.stopping = asyncio.Event()
@@ -26,8 +33,20 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
-        await asyncio.gather(*(self._keep_running(stage) for stage in self.stages))
-        return 0
+        tasks = [self._keep_running(stage) for stage in self.stages]
+        if self.companion is not None:
+            tasks.append(self._run_companion())
+        await asyncio.gather(*tasks)
+        return self.exit_code
+
+    async def _run_companion(self) -> None:
+        try:
+            self.exit_code = await self.companion()
+        except Exception as exc:
+            print(f"demo failed: {exc}", flush=True)
+            self.exit_code = 1
+        if self.stop_after_companion:
+            self.stopping.set()
 
     async def _keep_running(self, stage: str) -> None:
         failures = 0

@@ -9,7 +9,7 @@ import aiohttp
 
 from schemas.job import Job
 from smi import stripe_webhooks
-from smi.jobtable import JobTable, connect
+from smi.ops.jobs import opened_table
 from smi.payments import local_id
 from smi.settings import Settings
 
@@ -36,11 +36,8 @@ def build_event(event_type: str, job: Job) -> dict[str, Any]:
 
 async def trigger(settings: Settings, event_type: str, job_id: str, gateway_url: str | None = None) -> tuple[int, str]:
     """Returns the gateway's HTTP status and body. Raises JobNotFound."""
-    redis = connect(settings.redis_url, settings.redis_cluster_nodes)
-    try:
-        job = await JobTable(redis, shards=settings.redis_shards, namespace=settings.redis_namespace).get(job_id)
-    finally:
-        await redis.aclose()
+    async with opened_table(settings) as table:
+        job = await table.get(job_id)
     body = stripe_webhooks.encode(build_event(event_type, job))
     headers = {"Content-Type": "application/json",
                "Stripe-Signature": stripe_webhooks.sign(body, settings.stripe_webhook_secret)}

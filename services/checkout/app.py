@@ -7,7 +7,8 @@ import faust
 
 from schemas.topics import JOBS_FAILED, JOBS_REQUESTED, PAYMENTS_EVENTS
 from services.checkout.handlers import Checkout, Source
-from smi.jobtable import JobTable, connect
+from smi.clock import Clock
+from smi.jobtable import open_table
 from smi.kafka.app import attach_producer, create_app
 from smi.kafka.handling import SourceMessage, add_stage_agent
 from smi.kafka.producer import EventProducer
@@ -20,10 +21,11 @@ STAGE = "checkout"
 def build(settings: Settings, **app_overrides) -> tuple[faust.App, Checkout]:
     app = create_app(STAGE, settings, **app_overrides)
     producer = attach_producer(app, EventProducer.from_settings(settings, client_id=STAGE))
-    table = JobTable(connect(settings.redis_url, settings.redis_cluster_nodes), shards=settings.redis_shards,
-                     namespace=settings.redis_namespace)
+    clock = Clock.from_env()  # one clock per process; tests can move it
+    table = open_table(settings, clock=clock.now)
     checkout = Checkout(table, payments_for(settings), producer.send, policy=settings.request_policy,
-                        markup_percent=settings.markup_percent, credit_price_cents=settings.credit_price_cents)
+                        markup_percent=settings.markup_percent, credit_price_cents=settings.credit_price_cents,
+                        clock=clock.now)
 
     async def job_requested(message: SourceMessage) -> None:
         await checkout.on_job_request(message.value, Source(message.topic, message.partition, message.offset))

@@ -29,6 +29,7 @@ from schemas.requests import InvalidMessage, RequestPolicy, decode_json_object, 
 from schemas.status import Deadline, JobStatus, Stage
 from schemas.stripe_events import HANDLED_TYPES, StripeEvent
 from schemas.topics import JOBS_AWAITING_PAYMENT, JOBS_PENDING, PAYMENTS_REFUNDS
+from smi import metrics
 from smi.errors import TransientError
 from smi.faults import crash_point
 from smi.jobtable import JobNotFound, JobTable
@@ -192,6 +193,7 @@ class Checkout:
         if not job.refund_id:
             refund = await self.payments.refund(job)  # idempotency key refund-<job_id>
             crash_point("checkout.after_refund")
+            metrics.refund()
             await self.table.update(job.job_id, {"refund_id": refund.id, "refund_amount_cents": refund.amount_cents,
                                                  "refunded_at": self.clock(), "payment_status": "refunded"})
             job = await self.table.get(job.job_id)

@@ -9,9 +9,10 @@ import aiohttp
 from aiohttp import web
 
 from services.gateway import bodies, downloads, pay, public, upsampler_webhook, webhooks
+from services.gateway import admin_api, admin_page
 from services.gateway.context import CONTEXT, GatewayContext
 from services.gateway.ratelimit import FailedLookupLimiter
-from smi.jobtable import JobTable, connect
+from smi.jobtable import open_table
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
 
@@ -29,10 +30,13 @@ def create_app(ctx: GatewayContext) -> web.Application:
     app.router.add_get("/downloads/{token}", downloads.download)  # HEAD too
     app.router.add_get("/jobs/{job_id}", public.job_status)
     app.router.add_get("/healthz", public.healthz)
+    app.router.add_get("/samples/{name}", public.sample_image)
     app.router.add_get("/metrics", public.metrics)
     if ctx.settings.payments == "local":
         app.router.add_get("/pay/{job_id}", pay.pay_page)
         app.router.add_post("/pay/{job_id}", pay.pay)
+    admin_api.register(app)
+    admin_page.register(app)
     app.cleanup_ctx.append(_http_client)
     return app
 
@@ -46,8 +50,7 @@ async def _http_client(app: web.Application):
 
 async def start_gateway(settings: Settings) -> tuple[web.AppRunner, GatewayContext]:
     """Start listening; returns the runner (``await runner.cleanup()`` to stop)."""
-    redis = connect(settings.redis_url, settings.redis_cluster_nodes)
-    table = JobTable(redis, shards=settings.redis_shards, namespace=settings.redis_namespace)
+    table = open_table(settings)
     producer = EventProducer.from_settings(settings, client_id="gateway", request_timeout_ms=10_000)
     ctx = GatewayContext(settings=settings, table=table, producer=producer)
     runner = web.AppRunner(create_app(ctx), access_log=None)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import generate_latest
 
 from schemas.job import Job
+import smi.demo
 from services.gateway.context import CONTEXT
 from smi.jobtable import JobNotFound
 
@@ -44,6 +46,19 @@ async def healthz(request: web.Request) -> web.Response:
     healthy = all(v == "ok" for v in checks.values())
     return web.json_response({"status": "ok" if healthy else "unavailable", "checks": checks},
                              status=200 if healthy else 503)
+
+
+SAMPLES_DIR = Path(smi.demo.__file__).parent
+SAMPLE_NAME = re.compile(r"^[a-z0-9-]{1,64}\.png$")
+
+
+async def sample_image(request: web.Request) -> web.StreamResponse:
+    """The bundled sample images (`smi demo` orders an upscale of one)."""
+    name = request.match_info["name"]
+    path = SAMPLES_DIR / name
+    if not SAMPLE_NAME.match(name) or not path.is_file():
+        raise web.HTTPNotFound(text="no such sample")
+    return web.FileResponse(path, headers={"Content-Type": "image/png", "Cache-Control": "public, max-age=3600"})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -7,7 +7,8 @@ import faust
 
 from schemas.topics import JOBS_COMMANDS, JOBS_COMPLETED, JOBS_EXPIRING, PAYMENTS_REFUNDS
 from services.notifier.handlers import Notifier, NotifierConfig
-from smi.jobtable import JobTable, connect
+from smi.clock import Clock
+from smi.jobtable import open_table
 from smi.kafka.app import attach_producer, create_app
 from smi.kafka.handling import RetryPolicy, SourceMessage, add_stage_agent
 from smi.kafka.producer import EventProducer
@@ -24,9 +25,10 @@ SMTP_RETRY_POLICY = RetryPolicy(retries=10, backoff=1.0, max_backoff=60.0)
 def build(settings: Settings, **app_overrides) -> tuple[faust.App, Notifier]:
     app = create_app(STAGE, settings, **app_overrides)
     producer = attach_producer(app, EventProducer.from_settings(settings, client_id=STAGE))
-    table = JobTable(connect(settings.redis_url, settings.redis_cluster_nodes), shards=settings.redis_shards,
-                     namespace=settings.redis_namespace)
-    notifier = Notifier(table, Mailer.from_url(settings.smtp_url), NotifierConfig.from_settings(settings))
+    clock = Clock.from_env()  # one clock per process; tests can move it
+    table = open_table(settings, clock=clock.now)
+    notifier = Notifier(table, Mailer.from_url(settings.smtp_url), NotifierConfig.from_settings(settings),
+                        clock=clock.now)
 
     async def completed(message: SourceMessage) -> None:
         await notifier.on_completed(message.value)

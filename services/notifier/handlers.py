@@ -32,7 +32,8 @@ from schemas.requests import InvalidMessage, decode_json_object, describe_valida
 from schemas.status import JobStatus
 from services.notifier import emails
 from services.notifier.emails import DownloadLink, Letterhead
-from smi.errors import PermanentError
+from smi import metrics
+from smi.errors import PermanentError, TransientError
 from smi.faults import crash_point
 from smi.jobtable import JobNotFound, JobTable
 from smi.kafka.handling import SourceMessage
@@ -145,12 +146,18 @@ class Notifier:
         if not job.email:
             raise PermanentError(f"job {job.job_id} has no email address: {marker} not sent")
         message = await compose()
+        kind = marker.split(":")[1]
         try:
             await self.mailer.send(message)
         except PermanentError as exc:
+            metrics.email(kind, "refused")
             # Nothing is recorded on the job: the dead letter says which job and why,
             # and an operator can resend once the address or server is fixed.
             raise PermanentError(f"job {job.job_id}: {marker} not sent: {exc}") from None
+        except TransientError:
+            metrics.email(kind, "deferred")
+            raise
+        metrics.email(kind, "sent")
         await self.table.mark_done(job.job_id, marker)
         crash_point("notifier.after_send_recorded")
         log.info("job %s: %s sent", job.job_id, marker)

@@ -11,7 +11,8 @@ import faust
 
 from schemas.topics import JOBS_COMMANDS, JOBS_PENDING, UPSCALER_EVENTS
 from services.processor.handlers import Processor, ProcessorConfig
-from smi.jobtable import JobTable, connect
+from smi.clock import Clock
+from smi.jobtable import open_table
 from smi.kafka.app import attach_producer, create_app
 from smi.kafka.handling import SourceMessage, add_stage_agent
 from smi.kafka.producer import EventProducer
@@ -25,8 +26,8 @@ log = logging.getLogger(__name__)
 def build(settings: Settings, **app_overrides) -> tuple[faust.App, Processor]:
     app = create_app(STAGE, settings, **app_overrides)
     producer = attach_producer(app, EventProducer.from_settings(settings, client_id=STAGE))
-    table = JobTable(connect(settings.redis_url, settings.redis_cluster_nodes), shards=settings.redis_shards,
-                     namespace=settings.redis_namespace)
+    clock = Clock.from_env()  # one clock per process; tests can move it
+    table = open_table(settings, clock=clock.now)
     allow = settings.request_policy.allow_hosts
     storage = settings.storage_dir.resolve()
     config = ProcessorConfig(
@@ -39,7 +40,7 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Processor]:
         backend = {"local": LocalUpscaler(storage, allow=allow, max_input_bytes=settings.max_image_bytes)}
     else:
         backend = {"remote": UpsamplerClient(settings.upsampler_base_url, settings.upsampler_api_key)}
-    processor = Processor(table, producer.send, config, **backend)
+    processor = Processor(table, producer.send, config, clock=clock.now, **backend)
 
     async def pending(message: SourceMessage) -> None:
         await processor.on_pending(message.value)

@@ -31,6 +31,7 @@ from schemas.requests import InvalidMessage, decode_json_object, describe_valida
 from schemas.status import Deadline, JobStatus, Stage
 from schemas.topics import JOBS_COMPLETED, JOBS_FAILED, JOBS_PROCESSING, UPSCALER_EVENTS
 from schemas.urls import HostAllowList, UnsafeURL
+from smi import metrics
 from smi.errors import PermanentError, TransientError
 from smi.faults import crash_point
 from smi.fetch import Resolver, fetch_to_file, system_resolver, vet_url
@@ -96,11 +97,14 @@ class Processor:
         try:
             submission = await self.remote.submit(job.image_url, resolution_factor(job.resolution), callback)
         except PermanentError as exc:
+            metrics.upscaler_request("upsampler", "refused")
             return await self._fail(job, f"upscaler refused the job: {exc}")
         except TransientError as exc:
+            metrics.upscaler_request("upsampler", "unavailable")
             if operator_retry:
                 raise  # the command is retried inline, then dead-lettered with the reason
             return await self._retry_later(job, exc)
+        metrics.upscaler_request("upsampler", "accepted")
         return await self._to_processing(job, submission.id, callback_token_hash=hash_token(token),
                                          watch_after=self.config.poll_after)
 
@@ -146,7 +150,9 @@ class Processor:
         try:
             path = await self.local.upscale(job.job_id, job.image_url, resolution_factor(job.resolution))
         except (PermanentError, UnsafeURL) as exc:
+            metrics.upscaler_request("local", "refused")
             return await self._fail(job, f"local upscale failed: {exc}")
+        metrics.upscaler_request("local", "accepted")
         # Through upscaler.events like a callback, so every result takes one path.
         await self.publish(UPSCALER_EVENTS, job.job_id, {
             "job_id": job.job_id, "id": job.upsampler_job_id, "status": SUCCESS, "creditCost": 0,

@@ -20,3 +20,13 @@ def connect(redis_url: str, cluster_nodes: str = "", *, max_connections: int = M
     # with "Too many connections" (the default pool's behaviour).
     pool = BlockingConnectionPool.from_url(redis_url, max_connections=max_connections, timeout=30)
     return Redis(connection_pool=pool, decode_responses=False)
+
+
+def open_table(settings, *, clock=None, max_connections: int = MAX_CONNECTIONS):
+    """The job table a process uses, from its settings (REDIS_URL or
+    REDIS_CLUSTER_NODES, REDIS_SHARDS, REDIS_NAMESPACE) and its clock."""
+    from smi.jobtable.table import JobTable
+
+    client = connect(settings.redis_url, settings.redis_cluster_nodes, max_connections=max_connections)
+    options = {"clock": clock} if clock is not None else {}
+    return JobTable(client, shards=settings.redis_shards, namespace=settings.redis_namespace, **options)

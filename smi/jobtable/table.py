@@ -19,6 +19,7 @@ from schemas.events import utcnow
 from schemas.job import MANAGED_FIELDS, Job, encode_fields, from_ms, to_ms
 from schemas.status import DEADLINE_STATUS, Deadline, JobStatus, Stage, TransitionNotAllowed, sources_of
 
+from smi import metrics
 from smi.jobtable.keys import LOOKUP_KINDS, KeySpace, shard_of
 from smi.jobtable.scripts import register_all
 
@@ -137,6 +138,7 @@ class JobTable:
         outcome, previous = _s(outcome), _s(previous)
         if outcome == "missing":
             raise JobNotFound(job_id)
+        metrics.transition(previous, target.value, outcome)
         if outcome == "rejected":
             log.warning("transition rejected: job=%s %s -> %s by %s (event %s)", job_id, previous, target, actor, event_id)
         return TransitionResult(outcome, JobStatus(previous))  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ import asyncio
 import enum
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ from redis import exceptions as redis_errors
 from schemas.requests import InvalidMessage, describe_validation_error
 from schemas.topics import JOBS_DEAD_LETTER, TopicSpec
 from schemas.urls import UnsafeURL
+from smi import metrics
 from smi.kafka.app import stage_topic
 from smi.errors import PermanentError, TransientError
 from smi.kafka.dead_letter import dead_letter
@@ -119,6 +121,7 @@ async def run_with_retries(stage: str, message: SourceMessage, handler: Handler,
             logger.info("transient error, retry %d of %d in %.2fs: stage=%s topic=%s partition=%s offset=%s "
                         "error=%s", attempt + 1, policy.retries, delay, stage, message.topic,
                         message.partition, message.offset, failure_reason(exc))
+            metrics.message(stage, message.topic, "retried")
             await sleep(delay)
             attempt += 1
         except Exception as exc:
@@ -144,6 +147,7 @@ async def handle_safely(stage: str, message: SourceMessage, handler: Handler, pr
             await dead_letter(producer, stage=stage, source_topic=message.topic, partition=message.partition,
                               offset=message.offset, key=message.key, value=message.value, error=reason,
                               topic=dead_letter_topic)
+            metrics.dead_letter(stage, message.topic)
             return Outcome.DEAD_LETTERED
         except Exception:
             delay = policy.delay(attempt, random.random())
@@ -163,8 +167,10 @@ def add_stage_agent(app: faust.App, spec: TopicSpec, handler: Handler, producer:
     async def consume(stream: StreamT) -> None:
         manual = stream.noack()
         async for event in manual.events():
-            await handle_safely(stage, SourceMessage.from_event(event), handler, producer, policy=policy,
-                                dead_letter_topic=dead_letter_topic)
+            message, started = SourceMessage.from_event(event), time.monotonic()
+            outcome = await handle_safely(stage, message, handler, producer, policy=policy,
+                                          dead_letter_topic=dead_letter_topic)
+            metrics.message_settled(stage, message.topic, outcome.value, time.monotonic() - started)
             await manual.ack(event)
 
     return app.agent(stage_topic(app, spec), name=f"{stage}.{spec.name}", concurrency=1)(consume)

@@ -7,7 +7,6 @@ in a session-wide Redis namespace, and asserts on those jobs only."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -151,22 +150,30 @@ async def checkout(stage_env, tmp_path_factory, producer, table, watcher):
     stage.stop()
 
 
-@pytest.fixture(scope="session")
-async def gateway(stage_env, gateway_port, tmp_path_factory, http, topics_ready):
-    stage = StageProcess("gateway", stage_env, tmp_path_factory.mktemp("gateway-logs")).start()
-    url = f"http://127.0.0.1:{gateway_port}"
+async def start_gateway(http, env: dict[str, str], logdir, *, port: int | None = None,
+                        ready=lambda status: status == 200) -> StageProcess:
+    """A gateway process, once its /healthz answers as ``ready`` wants."""
+    port = port or free_port()
+    stage = StageProcess("gateway", {**env, "GATEWAY_PORT": str(port)}, logdir).start()
+    stage.url = f"http://127.0.0.1:{port}"
 
-    async def healthy():
+    async def up():
         try:
-            async with http.get(f"{url}/healthz") as resp:
-                return resp.status == 200
+            async with http.get(f"{stage.url}/healthz") as resp:
+                return ready(resp.status)
         except aiohttp.ClientError:
             return False
     try:
-        await eventually(healthy, timeout=60)
+        await eventually(up, timeout=60)
     except AssertionError:
-        pytest.fail(f"gateway did not become healthy:\n{stage.log_tail()}")
-    stage.url = url
+        stage.stop()
+        pytest.fail(f"gateway did not come up:\n{stage.log_tail()}")
+    return stage
+
+
+@pytest.fixture(scope="session")
+async def gateway(stage_env, gateway_port, tmp_path_factory, http, topics_ready):
+    stage = await start_gateway(http, stage_env, tmp_path_factory.mktemp("gateway-logs"), port=gateway_port)
     yield stage
     stage.stop()
 

@@ -8,7 +8,7 @@ import uuid
 from schemas.status import JobStatus
 from smi import stripe_webhooks
 from tests.support.kafka_watch import eventually
-from tests.e2e.conftest import WEBHOOK_SECRET, job_for_request, job_request, publish_request, wait_status
+from tests.e2e.conftest import WEBHOOK_SECRET, job_for_request, job_request, publish_request
 
 
 async def post_webhook(http, gateway, event: dict | bytes, *, secret: str = WEBHOOK_SECRET, timestamp=None,

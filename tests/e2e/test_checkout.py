@@ -207,21 +207,11 @@ async def test_invalid_requests_are_dead_lettered_with_reasons_and_the_next_one_
 
 async def test_local_pay_page_renders_the_price_and_pays_through_the_signed_webhook(
         checkout, stage_env, tmp_path_factory, producer, table, http, watcher):
-    from tests.e2e.conftest import free_port
-    from tests.support.processes import StageProcess
+    from tests.e2e.conftest import start_gateway
 
-    port = free_port()
-    local = StageProcess("gateway", {**stage_env, "PAYMENTS": "local", "GATEWAY_PORT": str(port)},
-                         tmp_path_factory.mktemp("local-gateway")).start()
-    url = f"http://127.0.0.1:{port}"
+    local = await start_gateway(http, {**stage_env, "PAYMENTS": "local"}, tmp_path_factory.mktemp("local-gateway"))
+    url = local.url
     try:
-        async def up():
-            try:
-                async with http.get(f"{url}/healthz") as resp:
-                    return resp.status == 200
-            except Exception:
-                return False
-        await eventually(up, timeout=60)
         job = await open_job(producer, table, image_width=1000, image_height=500, resolution="8x")
         async with http.get(f"{url}/pay/{job.job_id}") as resp:
             page = await resp.text()

@@ -21,10 +21,9 @@ from schemas.events import utcnow
 from schemas.status import JobStatus as S
 from smi.jobtable import hash_token
 from smi.jobtable.table import new_download_token
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import free_port, start_gateway
 from tests.support.jobs import make_job
 from tests.support.kafka_watch import eventually, for_job
-from tests.support.processes import StageProcess
 
 PRIVATE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
@@ -34,25 +33,6 @@ def gateway_storage(tmp_path_factory):
     """STORAGE_DIR of this module's own gateway (set explicitly: it must not depend
     on what the session's stage_env holds)."""
     return tmp_path_factory.mktemp("storage")
-
-
-async def start_gateway(http, env: dict[str, str], logdir, *, ready=lambda status: status == 200) -> StageProcess:
-    port = free_port()
-    stage = StageProcess("gateway", {**env, "GATEWAY_PORT": str(port)}, logdir).start()
-    stage.url = f"http://127.0.0.1:{port}"
-
-    async def up():
-        try:
-            async with http.get(f"{stage.url}/healthz") as resp:
-                return ready(resp.status)
-        except aiohttp.ClientError:
-            return False
-    try:
-        await eventually(up, timeout=60)
-    except AssertionError:
-        stage.stop()
-        pytest.fail(f"gateway did not come up:\n{stage.log_tail()}")
-    return stage
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,8 @@ import uuid
 from aiokafka import AIOKafkaConsumer
 
 from smi import stripe_webhooks
-from tests.e2e.conftest import WEBHOOK_SECRET, free_port
+from tests.e2e.conftest import WEBHOOK_SECRET, free_port, start_gateway
 from tests.support.kafka_watch import eventually
-from tests.support.processes import StageProcess
 
 
 def free_port_pair() -> int:
@@ -65,18 +64,9 @@ async def test_broker_down_gives_503_and_the_retry_lands_once(stage_env, http, t
     bootstrap = f"127.0.0.1:{kafka_port}"
     env = {**os.environ, "SMI_VAR_DIR": str(tmp_path / "var"), "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
     await smi(env, "stack", "up", "--only", "kafka")
-    gateway_port = free_port()
-    gateway = StageProcess("gateway", {**stage_env, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-                                       "GATEWAY_PORT": str(gateway_port)}, tmp_path).start()
-    url = f"http://127.0.0.1:{gateway_port}"
+    gateway = await start_gateway(http, {**stage_env, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}, tmp_path)
+    url = gateway.url
     try:
-        async def healthy():
-            try:
-                async with http.get(f"{url}/healthz") as resp:
-                    return resp.status == 200
-            except Exception:
-                return False
-        await eventually(healthy, timeout=60)
         job_id = str(uuid.uuid4())
         before = stripe_webhooks.checkout_session_event("checkout.session.completed", job_id=job_id,
                                                         session_id="cs_outage", amount_total=384)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from schemas.status import JobStatus as S
-from schemas.status import Stage, find_transition
+from schemas.status import find_transition
 
 from smi.jobtable import JobTable
 

@@ -147,6 +147,7 @@ def test_deadlines_belong_to_statuses():
         Deadline.POLL: JobStatus.PROCESSING,
         Deadline.WARN: JobStatus.COMPLETED,
         Deadline.EXPIRE: JobStatus.COMPLETED,
+        Deadline.PURGE: JobStatus.FAILED,
     }
     assert set(DEADLINE_STATUS) == set(Deadline)
 

@@ -1,0 +1,1 @@
+"""HTML of the gateway's server-rendered pages."""

@@ -177,14 +177,15 @@ class JobTable:
         expiry = from_ms(to_ms(expires_at or moment + timedelta(hours=ttl_hours)))
         warn_at = expiry - timedelta(hours=warn_hours) if warn_hours else None
         token = new_download_token()
-        outcome, _ = await self._scripts["issue_token"](
+        outcome, _, stored = await self._scripts["issue_token"](
             keys=[self.keys.job(job_id)],
             args=[self.keys.tag_of(job_id), job_id, to_ms(moment), hash_token(token), to_ms(expiry),
-                  to_ms(warn_at) if warn_at and warn_at > moment else "", "1" if revoke_others else "0"],
+                  to_ms(warn_at) if warn_at and warn_at > moment else "", "1" if revoke_others else "0",
+                  "1" if expires_at is not None else "0"],
         )
         if _s(outcome) == "missing":
             raise JobNotFound(job_id)
-        return token, expiry
+        return token, from_ms(int(stored))
 
     async def claim_due(self, kind: Deadline, *, limit: int, lease: timedelta,
                         now: datetime | None = None) -> list[DueItem]:

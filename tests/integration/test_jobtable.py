@@ -232,3 +232,14 @@ async def test_done_markers_record_each_step_once_per_job(table):
     assert await table.is_done(job.job_id, "email:ready")
     assert not await table.is_done(job.job_id, "email:refund")
     assert not await table.is_done(other.job_id, "email:ready")
+
+
+async def test_a_second_link_never_shortens_a_pushed_out_expiry(table):
+    job = await make_job(table, S.COMPLETED)
+    _, first_expiry = await table.issue_download_token(job.job_id, ttl_hours=24)
+    _, pushed = await table.issue_download_token(job.job_id, ttl_hours=48, revoke_others=True)  # a resend
+    # A warning handled late asks for a second link "with the same expiry" as it saw.
+    token, kept = await table.issue_download_token(job.job_id, ttl_hours=24, expires_at=first_expiry)
+    assert kept == pushed > first_expiry
+    assert (await table.get(job.job_id)).download_expires_at == pushed
+    assert (await table.find_by_token(token)) is not None

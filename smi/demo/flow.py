@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -43,6 +44,7 @@ class DemoResult:
     download_url: str = ""
     email_file: Path | None = None
     download_bytes: int = 0
+    transitions: dict[str, float] = field(default_factory=dict)
 
 
 async def run_demo(settings: Settings, *, timeout: float = 180.0, console: Console | None = None) -> DemoResult:
@@ -74,9 +76,30 @@ async def run_demo(settings: Settings, *, timeout: float = 180.0, console: Conso
             if resp.status != 200:
                 raise DemoFailed(f"the download link answered {resp.status}")
             result.download_bytes = len(await resp.read())
+        result.transitions = await _transitions_seen(http, settings)
+    path = ["new → awaiting_payment", "awaiting_payment → pending", "pending → processing", "processing → completed"]
+    missing = [step for step in path if result.transitions.get(step, 0) < 1]
+    if missing:
+        raise DemoFailed(f"the stages' /metrics do not show the transitions {missing} (seen: {result.transitions})")
     console.print(f"[green]Completed[/] in {time.monotonic() - started:.1f}s. Email: {result.email_file}")
+    console.print("Transitions counted by the stages' /metrics: " + ", ".join(
+        f"{step} {result.transitions[step]:g}" for step in path))
     console.print(f"Download ({result.download_bytes} bytes): {result.download_url}")
     return result
+
+
+async def _transitions_seen(http: aiohttp.ClientSession, settings: Settings) -> dict[str, float]:
+    """Applied transitions summed over the stages' Prometheus endpoints."""
+    seen: dict[str, float] = {}
+    for stage in ("checkout", "processor"):
+        async with http.get(f"http://127.0.0.1:{settings.metrics_port_for(stage)}/metrics") as resp:
+            text = await resp.text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "smi_transitions_total" and sample.labels.get("outcome") == "applied":
+                    step = f"{sample.labels['source']} → {sample.labels['target']}"
+                    seen[step] = seen.get(step, 0) + sample.value
+    return seen
 
 
 async def _wait_healthy(http: aiohttp.ClientSession, base: str, timeout: float) -> None:

@@ -94,6 +94,11 @@ class Processor:
     async def _submit(self, job: Job, *, operator_retry: bool) -> str:
         token = secrets.token_urlsafe(32)
         callback = f"{self.config.public_base_url.rstrip('/')}/webhooks/upsampler/{token}"
+        # The token's hash is stored before the submission: a fast upscaler may call
+        # back before the submission is recorded, and the gateway must know the token.
+        if not await self.table.update(job.job_id, {"callback_token_hash": hash_token(token)},
+                                       expect_status=[job.status]):
+            return "not submitted: the job moved on meanwhile"
         try:
             submission = await self.remote.submit(job.image_url, resolution_factor(job.resolution), callback)
         except PermanentError as exc:
@@ -165,6 +170,9 @@ class Processor:
         event = _parse(UpscalerEvent, raw)
         job = await self._job(event.job_id)
         if job.upsampler_job_id != event.id:
+            if job.status in (JobStatus.PENDING, JobStatus.FAILED):
+                # Its submission may be in flight, not recorded yet: try again shortly.
+                raise TransientError(f"upscaler event {event.id} arrived before its submission was recorded")
             return "ignored: not the job's current upscaler job"
         if job.status is not JobStatus.PROCESSING:
             return f"ignored: job is {job.status}"

@@ -49,7 +49,8 @@ async def processor(stage_env, upsampler, tmp_path_factory, checkout, gateway):
 
 @pytest.fixture(autouse=True)
 def default_script(upsampler):
-    upsampler.script(latency=0.05, fail_submits_with=[], outcome="SUCCESS", callback=True, result="normal")
+    upsampler.script(latency=0.05, fail_submits_with=[], outcome="SUCCESS", callback=True, result="normal",
+                     callback_first=False)
 
 
 def submissions_for(upsampler, image_url: str) -> list[dict]:
@@ -229,3 +230,14 @@ async def test_an_unusable_result_fails_the_job_with_the_reason(processor, upsam
     failed = await wait_status(table, job.job_id, S.FAILED, timeout=60)
     assert failed.failure_reason.startswith("result unusable") and reason in failed.failure_reason, \
         failed.failure_reason
+
+
+async def test_a_callback_that_beats_the_submit_response_is_not_lost(processor, upsampler, images, producer, table,
+                                                                    http, gateway):
+    upsampler.script(latency=0, callback_first=True)
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    done = await wait_status(table, job.job_id, S.COMPLETED, timeout=60)
+    [callback] = [c for c in upsampler.callbacks_sent if c["body"]["id"] == done.upsampler_job_id]
+    assert callback.get("status") == 200  # the gateway knew the token before the submission returned
+    assert done.upsampler_job_id not in upsampler.status_calls  # completed by the callback, not by a poll

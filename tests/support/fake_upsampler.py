@@ -51,6 +51,7 @@ class Script:
     outcome: str = "SUCCESS"
     error: str = "Upscaling failed"
     callback: bool = True
+    callback_first: bool = False  # finish and call back before answering the submit
     result: str = "normal"
 
 
@@ -168,6 +169,11 @@ class FakeUpsampler:
                       script=replace(script, fail_submits_with=[]), source=source,
                       credit_cost=max(1, math.ceil(output_mp / 4)))
         self.jobs[job.id] = job
+        if script.callback_first:
+            # The race a fast real API can produce: the callback lands before the
+            # client has even seen the job's id.
+            await self._work(job)
+            return web.json_response({k: v for k, v in self._public(job).items() if k != "error" or v is not None})
         task = asyncio.create_task(self._work(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

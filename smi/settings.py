@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     credit_price_cents: int = Field(4, ge=0)
 
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 inside a container
     # How long the group waits for a silent (e.g. SIGKILLed) worker before handing its
     # partitions to the others; heartbeats go every third of it.
     kafka_session_timeout_seconds: float = Field(30, ge=6, le=300)

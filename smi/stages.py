@@ -29,7 +29,7 @@ def run_stage(stage: str, settings: Settings, *, loglevel: str = "info") -> None
 
     module = importlib.import_module(f"services.{stage}.app")
     app, _ = module.build(settings)
-    start_metrics_server(settings.metrics_port_for(stage))
+    start_metrics_server(settings.metrics_port_for(stage), host=settings.metrics_host)
     # The stage's table lives inside its handlers; the gauges read through a small client of their own.
     table = open_table(settings, max_connections=2)
     app.add_dependency(GaugeRefresher(stage, table, settings.kafka_bootstrap_servers))

@@ -32,3 +32,11 @@ run: stack-up
 # its email is in var/mail and its download link works.
 demo-check: stack-up
 	$(DEMO_ENV) timeout --kill-after=30 10m $(SMI) run all --demo --once
+
+# The pipeline under load (issue 7), not part of `make test`: starts its own
+# `smi run all` on the stack, publishes and pays BENCH_JOBS jobs, and writes a
+# JSON report to var/bench/ (BENCH_ARGS, e.g. --million; `smi bench --help`).
+BENCH_JOBS ?= 20000
+.PHONY: bench
+bench: stack-up
+	$(PYTHON) -m bench.run --jobs $(BENCH_JOBS) $(BENCH_ARGS)

@@ -114,6 +114,14 @@ def cmd_stripe_trigger(args: argparse.Namespace) -> int:
     return 0 if 200 <= status < 300 else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    # bench/ sits beside smi/ in the checkout and is not part of the installed package.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.run import main as bench_main
+
+    return bench_main(args.bench_args, prog="smi bench")
+
+
 T = TypeVar("T")
 
 
@@ -332,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("revenue", parents=[as_json], help="charged, cost, refunds, profit, margin"
                         ).set_defaults(handler=cmd_revenue)
+
+    # Every argument goes to bench/run.py's own parser (`smi bench --help` shows them).
+    bench = commands.add_parser("bench", add_help=False, prefix_chars="+",
+                                help="measure the pipeline under load (`smi bench --help`)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 

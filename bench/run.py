@@ -1,0 +1,302 @@
+"""The pipeline under load: throughput, latency, baselines, Redis per job (issue 7).
+
+`make bench`, `smi bench` or `python -m bench.run [--jobs N] [--out FILE]`. Needs
+the stack (`smi stack up`: Kafka, Redis, stripe-mock) and no other system's stages
+on the broker. Starts `smi run all` itself (PAYMENTS=local, UPSCALER=local,
+its own REDIS_NAMESPACE, an 8×8 input image, its own SMTP sink), measures, stops
+it, and then `smi run checkout` with PAYMENTS=stripe against stripe-mock. Writes
+every figure to a JSON file (default var/bench/<UTC time>.json) and prints tables;
+a figure that misses a target of issue 7 is marked MISSED. Nothing is tuned."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from bench import baselines, table
+from bench.pipeline import Flow
+from bench.report import check_targets, ratio, render, stage_figures
+from bench.system import (EventWatch, ImageServer, MailSink, StageGroupsBusy, SystemProcess, free_port,
+                          require_idle_stage_groups, stage_group_members)
+from schemas.topics import JOBS_AWAITING_PAYMENT, JOBS_COMPLETED, JOBS_DEAD_LETTER, JOBS_FAILED, JOBS_PENDING
+from smi.jobtable import JobTable, connect
+from smi.kafka.producer import EventProducer
+from smi.settings import Settings
+from smi.stack.kafka_broker import kafka_version
+from smi.stack.topics import ensure_topics
+
+PARTS = ("baselines", "pipeline", "stripe", "table", "janitor")
+NOISE = ("one 2-core machine runs Kafka, Redis, five stage processes and the bench itself, and possibly a CI run "
+         "on the same broker and Redis: the figures are noisy; compare runs, not single numbers")
+console = Console() if sys.stdout.isatty() else Console(width=160)  # piped: no 80-column wrapping
+
+
+def say(text: str) -> None:
+    console.print(text, highlight=False)
+
+
+def build_parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=20_000, help="job requests published and paid (20,000)")
+    parser.add_argument("--out", type=Path, help="the JSON file (default var/bench/<UTC time>.json)")
+    parser.add_argument("--baseline-messages", type=int,
+                        help="messages and keys of the baselines (max(jobs, 20,000): a shorter one ends in a blink)")
+    parser.add_argument("--paced-jobs", type=int, help="requests of the 1,000/s latency run (min(jobs, 5,000))")
+    parser.add_argument("--stripe-jobs", type=int, default=1000,
+                        help="requests of the stripe-mock checkout run (1,000)")
+    parser.add_argument("--stripe-mock", default="http://127.0.0.1:12111", help="stripe-mock's address")
+    parser.add_argument("--million", action="store_true",
+                        help="also measure a table of 1,000,000 jobs (~5 GB of Redis and its AOF, ~30 min)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"what to measure (default {','.join(PARTS)})")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> int:
+    args = build_parser(prog).parse_args(argv)
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)  # retries on fresh scratch topics are expected
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown or args.jobs < 1:
+        say(f"[red]bad arguments: {', '.join(unknown) or '--jobs must be ≥ 1'}[/]")
+        return 2
+    args.paced_jobs = args.paced_jobs or min(args.jobs, 5000)
+    args.baseline_messages = args.baseline_messages or max(args.jobs, 20_000)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    args.out = args.out or Path("var/bench") / f"{stamp}.json"
+    args.log = args.out.with_suffix(".system.log")
+    try:
+        return asyncio.run(run(args))
+    except StageGroupsBusy as exc:
+        say(f"[red]not starting:[/] {exc}")
+        return 2
+
+
+async def run(args: argparse.Namespace) -> int:
+    settings = Settings()
+    run_id = uuid.uuid4().hex[:8]
+    redis = connect(settings.redis_url, settings.redis_cluster_nodes)
+    results: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "run_id": run_id,
+        "machine": await machine_facts(redis),
+        "config": {"jobs": args.jobs, "paced_jobs": args.paced_jobs, "paced_rate": 1000,
+                   "baseline_messages": args.baseline_messages,
+                   "stripe_jobs": args.stripe_jobs, "parts": args.parts, "kafka": settings.kafka_bootstrap_servers,
+                   "redis": settings.redis_url, "system_log": str(args.log)},
+        "stages": {}, "baselines": {}, "redis": {"tables": {}}, "janitor": {}, "notes": [NOISE], "errors": []}
+    started = time.monotonic()
+    try:
+        await ensure_topics(settings)
+        if {"pipeline", "stripe"} & set(args.parts):
+            await require_idle_stage_groups(settings.kafka_bootstrap_servers)
+        steps = {"baselines": lambda: measure_baselines(args, settings, redis, results),
+                 "pipeline": lambda: measure_pipeline(args, settings, redis, run_id, results),
+                 "stripe": lambda: measure_stripe_checkout(args, settings, redis, run_id, results),
+                 "table": lambda: measure_table(args, redis, results),
+                 "janitor": lambda: measure_janitor(settings, redis, results)}
+        for part in args.parts:
+            say(f"[bold]{part}[/]")
+            try:
+                await steps[part]()
+            except StageGroupsBusy:
+                raise
+            except Exception as exc:  # one part failing must not lose the others' figures
+                results["errors"].append(f"{part}: {type(exc).__name__}: {exc}")
+                say(f"  [red]{part} failed: {type(exc).__name__}: {exc}[/]")
+    finally:
+        await redis.aclose()
+    passthrough = results["baselines"].get("kafka_passthrough", {}).get("rate")
+    for figures in results["stages"].values():
+        figures["ratio_to_passthrough"] = ratio(figures.get("rate"), passthrough)
+    results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["seconds"] = round(time.monotonic() - started, 1)
+    results["targets"] = check_targets(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    for part in render(results):
+        console.print(part)
+    say(f"JSON: {args.out}   system log: {args.log}")
+    return 1 if results["errors"] else 0
+
+
+async def machine_facts(redis) -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "platform": platform.platform(),
+            "kafka": f"{kafka_version()} (the stack's pinned version)",
+            "redis": (await redis.info("server"))["redis_version"],
+            "aiokafka": version("aiokafka"), "faust": version("faust-streaming"), "redis-py": version("redis"),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+async def measure_baselines(args, settings: Settings, redis, results: dict) -> None:
+    kafka = await baselines.kafka_passthrough(settings.kafka_bootstrap_servers, args.baseline_messages)
+    results["baselines"]["kafka_passthrough"] = kafka
+    say(f"  aiokafka consume→produce: {kafka['rate']:,.0f} msgs/s")
+    cas = await baselines.redis_cas(redis, args.baseline_messages)
+    results["baselines"]["redis_cas"] = cas
+    say(f"  redis-py Lua CAS, pipelines of 100: {cas['rate']:,.0f} ops/s")
+
+
+def _timeout(count: int, per_second: float) -> float:
+    """How long a phase may take: generous, so a slow stage shows as a low rate
+    rather than as a missing figure."""
+    return 120 + count / per_second
+
+
+async def measure_pipeline(args, settings: Settings, redis, run_id: str, results: dict) -> None:
+    namespace, port = f"bench{run_id}:", free_port()
+    gateway = f"http://127.0.0.1:{port}"
+    secret = f"whsec_bench_{uuid.uuid4().hex}"
+    storage = Path(tempfile.mkdtemp(prefix="smi-bench-storage-"))
+    images = await ImageServer().start()
+    sink = MailSink().start()
+    watch = await EventWatch(settings.kafka_bootstrap_servers, [
+        JOBS_AWAITING_PAYMENT.name, JOBS_PENDING.name, JOBS_COMPLETED.name, JOBS_FAILED.name,
+        JOBS_DEAD_LETTER.name]).start()
+    env = {"PAYMENTS": "local", "UPSCALER": "local", "REDIS_NAMESPACE": namespace, "URL_ALLOW_HOSTS": "127.0.0.1/32",
+           "STRIPE_WEBHOOK_SECRET": secret, "GATEWAY_PORT": str(port), "PUBLIC_BASE_URL": gateway,
+           "METRICS_PORT": "0", "SMTP_URL": sink.url, "STORAGE_DIR": str(storage)}
+    system = await SystemProcess("all", env, args.log).start()
+    say(f"  `smi run all` started (pid {system.proc.pid}, namespace {namespace}, log {args.log})")
+    stages, most_members = results["stages"], {}
+    members = asyncio.create_task(watch_group_members(settings, most_members))
+    try:
+        async with EventProducer.from_settings(settings, client_id="smi-bench") as producer:
+            flow = Flow(run_id, images.image_url, gateway, secret, producer, watch, sink)
+            await warm_up(flow, system)
+
+            sent = await flow.publish_paced(flow.requests(args.paced_jobs, "paced"), per_second=1000)
+            stages["paced_request_to_awaiting_payment"] = figures = await flow.until_awaiting_payment(
+                sent, _timeout(len(sent), 50))
+            say(f"  paced 1,000/s: p99 {figures['latency_ms']['p99']} ms")
+
+            sent = await flow.publish(flow.requests(args.jobs, "burst"))
+            stages["request_to_awaiting_payment"] = figures = await flow.until_awaiting_payment(
+                sent, _timeout(len(sent), 50))
+            say(f"  burst: {figures['count']:,} awaiting_payment at {figures['rate']} /s")
+            job_ids = [flow.watch.by_request[r][1]["job_id"] for r in sent if r in flow.watch.by_request]
+
+            sent_at, acked_at, refused = await flow.pay(job_ids)
+            stages["webhook_acknowledged"] = stage_figures(sent_at, acked_at, args.jobs)
+            if refused:
+                results["errors"].append(f"webhooks not acknowledged: {dict(refused)}")
+            paid = list(acked_at)
+            pending = await flow.until(JOBS_PENDING.name, paid, _timeout(len(paid), 50))
+            stages["webhook_to_pending"] = figures = stage_figures(sent_at, pending, args.jobs)
+            say(f"  webhooks: {figures['count']:,} pending at {figures['rate']} /s")
+            completed = await flow.until(JOBS_COMPLETED.name, list(pending), _timeout(len(pending), 10))
+            stages["pending_to_completed"] = figures = stage_figures(pending, completed, args.jobs)
+            say(f"  processor: {figures['count']:,} completed at {figures['rate']} /s")
+            emails = await flow.until_emailed(list(completed), _timeout(len(completed), 10))
+            stages["request_to_email"] = figures = stage_figures(
+                flow.job_requested, emails, args.jobs, since=min(completed.values(), default=None))
+            say(f"  notifier: {figures['count']:,} emails at {figures['rate']} /s")
+
+            failed = flow.watch.times(JOBS_FAILED.name, job_ids)
+            dead = flow.dead_letters()
+            if failed:
+                results["errors"].append(f"{len(failed)} jobs failed")
+            if dead:
+                results["errors"].append(f"{len(dead)} dead letters, e.g. {dead[0].get('error')}")
+            job_table = JobTable(redis, shards=settings.redis_shards, namespace=namespace)
+            results["redis"]["live_job_keys_bytes"] = await table.live_job_bytes(redis, job_table, list(emails)[:200])
+    finally:
+        members.cancel()
+        foreign_members_note(most_members, results)
+        await system.stop()
+        await watch.stop()
+        sink.stop()
+        await images.stop()
+        shutil.rmtree(storage, ignore_errors=True)
+        await table.unlink(redis, await table.namespace_keys(redis, namespace))
+
+
+async def warm_up(flow: Flow, system: SystemProcess, timeout: float = 300) -> None:
+    """One job all the way to its email: every stage is up and has its partitions."""
+    sent = await flow.publish(flow.requests(1, "warmup"))
+    figures = await flow.until_awaiting_payment(sent, timeout)
+    if not figures["count"]:
+        raise RuntimeError(f"the system did not come up (alive: {system.alive}); see {system.log_path}")
+    job_id = next(iter(flow.jobs))
+    _, acked, refused = await flow.pay([job_id])
+    if not acked:
+        raise RuntimeError(f"the gateway refused the warm-up payment: {dict(refused)}")
+    if not await flow.until_emailed([job_id], timeout):
+        raise RuntimeError(f"the warm-up job got no email; see {system.log_path}")
+    say("  warm-up job went through: request, payment, upscale, email")
+
+
+async def watch_group_members(settings: Settings, most: dict[str, int], every: float = 5.0) -> None:
+    """Keeps the most members seen per stage group. Our system runs one per group:
+    more means someone else's stages joined during the run and shared our partitions."""
+    while True:
+        try:
+            for group, members in (await stage_group_members(settings.kafka_bootstrap_servers)).items():
+                most[group] = max(most.get(group, 0), members)
+        except Exception:  # a missed sample is no reason to stop measuring
+            pass
+        await asyncio.sleep(every)
+
+
+def foreign_members_note(most: dict[str, int], results: dict) -> None:
+    crowded = {g: n for g, n in most.items() if n > 1}
+    if crowded:
+        results["notes"].append(f"other consumers joined the stage groups during the run (most members seen: "
+                                f"{crowded}): the pipeline figures are unreliable")
+
+
+async def measure_stripe_checkout(args, settings: Settings, redis, run_id: str, results: dict) -> None:
+    namespace = f"bench{run_id}s:"
+    watch = await EventWatch(settings.kafka_bootstrap_servers, [JOBS_AWAITING_PAYMENT.name]).start()
+    env = {"PAYMENTS": "stripe", "STRIPE_API_BASE": args.stripe_mock, "STRIPE_API_KEY": "sk_test_123",
+           "REDIS_NAMESPACE": namespace, "URL_ALLOW_HOSTS": "127.0.0.1/32", "METRICS_PORT": "0"}
+    system = await SystemProcess("checkout", env, args.log).start()
+    say(f"  `smi run checkout` with PAYMENTS=stripe against {args.stripe_mock} (pid {system.proc.pid})")
+    try:
+        async with EventProducer.from_settings(settings, client_id="smi-bench") as producer:
+            flow = Flow(run_id, "http://127.0.0.1:9/tiny.png", "", "", producer, watch)
+            warmup = await flow.publish(flow.requests(1, "stripe-warmup"))
+            if not (await flow.until_awaiting_payment(warmup, 300))["count"]:
+                raise RuntimeError(f"checkout did not come up (alive: {system.alive}); see {args.log}")
+            sent = await flow.publish(flow.requests(args.stripe_jobs, "stripe"))
+            results["stages"]["stripe_request_to_awaiting_payment"] = figures = await flow.until_awaiting_payment(
+                sent, _timeout(len(sent), 20))
+            say(f"  stripe-mock: {figures['count']:,} checkout sessions at {figures['rate']} /s")
+    finally:
+        await system.stop()
+        await watch.stop()
+        await table.unlink(redis, await table.namespace_keys(redis, namespace))
+
+
+async def measure_table(args, redis, results: dict) -> None:
+    for size in (10_000, 1_000_000) if args.million else (10_000,):
+        say(f"  building a table of {size:,} completed jobs")
+        figures = await table.table_at_size(redis, size, progress=say)
+        results["redis"]["tables"][str(size)] = figures
+        say(f"  {size:,} jobs: {figures['bytes_per_job']:,} bytes/job, {figures['transition_rate']:,} transitions/s "
+            f"(built in {figures['build_seconds']}s)")
+
+
+async def measure_janitor(settings: Settings, redis, results: dict) -> None:
+    results["janitor"] = figures = await table.janitor_pass(redis, settings.redis_url)
+    say(f"  {figures['handled']} handled among {figures['jobs']:,} in {figures['seconds']}s, "
+        f"{figures['commands']} Redis commands")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,7 +29,19 @@ def sign(payload: bytes, secret: str, timestamp: int | None = None) -> str:
 
 
 def verify(payload: bytes, header: str | None, secret: str, tolerance: int = TOLERANCE_SECONDS) -> None:
-    """stripe-python's own check (constant-time compare, timestamp tolerance)."""
+    """stripe-python's own check (constant-time compare, timestamp tolerance).
+
+    Two inputs make stripe-python raise something other than its
+    SignatureVerificationError, which would escape as a 500: a body that is not
+    UTF-8 (it decodes the body first) and a header with non-ASCII characters
+    (``hmac.compare_digest`` refuses to compare them). Neither can carry a valid
+    signature: both are refused here."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadSignature("the body is not UTF-8") from None
+    if header is not None and not header.isascii():
+        raise BadSignature("the Stripe-Signature header is not ASCII")
     try:
         stripe.WebhookSignature.verify_header(payload, header, secret, tolerance)
     except stripe.SignatureVerificationError as exc:

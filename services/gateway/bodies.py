@@ -3,9 +3,14 @@ the Stripe and Upsampler webhooks; each refusal is a JSON error with its status.
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 MAX_BODY_BYTES = 1024 * 1024
+# A client that sends its headers and then stalls or dribbles its body would hold a
+# handler (and a connection) for as long as it likes; this bounds it.
+BODY_READ_TIMEOUT_SECONDS = 10.0
 
 
 class BadBody(Exception):
@@ -26,6 +31,8 @@ async def read_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise BadBody(413, f"body over {MAX_BODY_BYTES} bytes")
     try:
-        return await request.read()
+        return await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT_SECONDS)
     except web.HTTPRequestEntityTooLarge:  # chunked, without a Content-Length
         raise BadBody(413, f"body over {MAX_BODY_BYTES} bytes") from None
+    except TimeoutError:
+        raise BadBody(408, f"request body not received within {BODY_READ_TIMEOUT_SECONDS:.0f} s") from None

@@ -7,6 +7,7 @@ acknowledged it, 503 while it cannot, so the callback is retried, not lost."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from typing import Any
@@ -27,9 +28,16 @@ CALLBACK_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # URL-safe base64 alphabet
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     payload = await read_body(request)
     try:
-        return decode_json_object(payload, max_bytes=MAX_BODY_BYTES)
+        body = decode_json_object(payload, max_bytes=MAX_BODY_BYTES)
     except InvalidMessage as exc:
         raise BadBody(400, exc.reason) from None
+    try:
+        # Re-encoded when published: a "\ud800" escape decodes to a code point UTF-8
+        # cannot encode, and would fail the publish (a 503 the caller retries forever).
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadBody(400, "body holds a lone surrogate escape: not valid Unicode") from None
+    return body
 
 
 async def upsampler_webhook(request: web.Request) -> web.Response:

@@ -41,9 +41,13 @@ async def stripe_webhook(request: web.Request) -> web.Response:
     except (InvalidMessage, ValidationError) as exc:
         ctx.metrics.webhooks.labels("stripe", "bad_body").inc()
         return problem(400, f"not a Stripe event: {getattr(exc, 'reason', None) or 'missing or mistyped fields'}")
-    key = event.job_id or event.data.object.id
     try:
-        await asyncio.wait_for(ctx.producer.send_raw(PAYMENTS_EVENTS.name, key.encode(), payload),
+        key = (event.job_id or event.data.object.id).encode()
+    except UnicodeEncodeError:  # a "\ud800" escape: valid JSON, but no Unicode to key the record by
+        ctx.metrics.webhooks.labels("stripe", "bad_body").inc()
+        return problem(400, "not a Stripe event: its job id is not valid Unicode")
+    try:
+        await asyncio.wait_for(ctx.producer.send_raw(PAYMENTS_EVENTS.name, key, payload),
                                PUBLISH_TIMEOUT_SECONDS)
     except Exception as exc:  # broker away, timeout, producer not started
         log.warning("could not publish Stripe event %s (%s): %s", event.id, event.type, type(exc).__name__)

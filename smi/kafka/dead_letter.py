@@ -31,6 +31,14 @@ def _text(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", errors="replace")
 
 
+def _encodable(text: str) -> str:
+    """``text`` with every lone surrogate as its escape (``\\ud800``). A reason may quote
+    the input (a Stripe event id, a type), and JSON's ``"\\ud800"`` decodes to a code
+    point UTF-8 cannot encode: the dead letter could never be serialized, and the
+    partition would stall on it, retrying forever."""
+    return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
 def kept_value(value: bytes | None, max_bytes: int = MAX_KEPT_VALUE_BYTES) -> str | None:
     """The raw value as text (undecodable bytes become U+FFFD), cut to max_bytes
     with a marker that says so and gives the original length."""
@@ -44,7 +52,8 @@ def build_dead_letter(*, stage: str, source_topic: str, partition: int | None, o
                       key: bytes | None, value: bytes | None, error: str,
                       max_value_bytes: int = MAX_KEPT_VALUE_BYTES) -> DeadLetter:
     return DeadLetter(source_topic=source_topic, partition=partition, offset=offset, key=_text(key),
-                      value=kept_value(value, max_value_bytes), error=error[:MAX_ERROR_CHARS], stage=stage)
+                      value=kept_value(value, max_value_bytes), error=_encodable(error)[:MAX_ERROR_CHARS],
+                      stage=stage)
 
 
 def dead_letter_spec(topic: str) -> TopicSpec:

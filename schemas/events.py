@@ -100,7 +100,7 @@ class UpscalerEvent(BaseModel):
     job_id: JobId
     id: str
     status: UpscalerStatus
-    credit_cost: float | None = Field(default=None, alias="creditCost", ge=0, allow_inf_nan=False)
+    credit_cost: float | None = Field(default=None, alias="creditCost")
     image_url: str | None = Field(default=None, alias="imageUrl")
     compressed_image_url: str | None = Field(default=None, alias="compressedImageUrl")
     error: str | None = None

@@ -66,7 +66,7 @@ class StripeEvent(BaseModel):
 
     id: str
     type: str
-    created: int = Field(ge=0, le=2**33)  # Unix seconds; a larger value is no date at all
+    created: int
     livemode: bool = False
     data: StripeEventData
 

@@ -13,6 +13,8 @@ from email.utils import format_datetime
 
 import pytest
 from aiohttp import web
+
+from tests.support.loopback import serve_on_loopback
 from PIL import Image
 
 from schemas.urls import HostAllowList, UnsafeURL
@@ -46,11 +48,7 @@ class Receiver:
     async def start(self) -> "Receiver":
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_on_loopback(app)
         return self
 
     async def stop(self) -> None:

@@ -33,6 +33,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from tests.support.loopback import serve_on_loopback
 from PIL import Image
 
 DEFAULT_API_KEY = "upsampler-test-key"
@@ -106,12 +108,7 @@ class FakeUpsampler:
         app.router.add_post("/api/v1/precise-upscale", self._submit)
         app.router.add_get("/api/v1/status/{id}", self._status)
         app.router.add_get("/results/{id}.{ext:png|jpg}", self._result)
-        # Handlers stop when their client hangs up, so teardown never waits on a stream.
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_on_loopback(app)
         return self
 
     async def stop(self) -> None:

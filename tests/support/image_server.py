@@ -21,6 +21,8 @@ import zlib
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from tests.support.loopback import serve_on_loopback
 from PIL import Image
 
 PILLOW_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -75,12 +77,7 @@ class ImageServer:
         app.router.add_get("/text", self._text)
         app.router.add_get("/status/{code:\\d+}", self._status)
         app.router.add_get("/slow", self._slow)
-        # Handlers stop when their client hangs up, so teardown never waits on a /slow.
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_on_loopback(app)
         return self
 
     async def stop(self) -> None:

@@ -10,6 +10,8 @@ from urllib.parse import parse_qsl
 import aiohttp
 from aiohttp import web
 
+from tests.support.loopback import serve_on_loopback
+
 
 @dataclass(frozen=True)
 class RecordedRequest:
@@ -36,12 +38,8 @@ class RecordingStripeProxy:
         self._session = aiohttp.ClientSession()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self._runner, port = await serve_on_loopback(app)
+        self.url = f"http://127.0.0.1:{port}"
         return self.url
 
     async def stop(self) -> None:

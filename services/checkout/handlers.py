@@ -140,7 +140,7 @@ class Checkout:
             return await self._paid(job, event)
         if event.type in PAYMENT_FAILED_EVENTS:
             await self.table.update(job.job_id, {"payment_status": "failed",
-                                                 "payment_failed_at": _moment(event.created)},
+                                                 "payment_failed_at": _moment(event)},
                                     expect_status=[JobStatus.AWAITING_PAYMENT, JobStatus.NEW])
             return "payment failed recorded"
         return await self._refunded_in_dashboard(job, event)
@@ -155,11 +155,12 @@ class Checkout:
             raise TransientError(f"payment for job {job.job_id} arrived before its session was recorded")
         if obj.amount_total is not None and job.price_cents is not None and obj.amount_total != job.price_cents:
             log.warning("job %s: paid %s cents, price was %s", job.job_id, obj.amount_total, job.price_cents)
-        fields: dict[str, Any] = {"payment_status": "paid", "paid_at": _moment(event.created),
+        paid_at = _moment(event)
+        fields: dict[str, Any] = {"payment_status": "paid", "paid_at": paid_at,
                                   "stripe_payment_intent_id": obj.payment_intent_id}
         if not job.email and obj.email:
             fields["email"] = obj.email
-        pending = JobEvent.new("pending", job.job_id, occurred_at=_moment(event.created))
+        pending = JobEvent.new("pending", job.job_id, occurred_at=paid_at)
         result = await self.table.transition(job.job_id, JobStatus.PENDING, actor=Stage.CHECKOUT,
                                              event_id=pending.event_id, fields=fields)
         if result.outcome == "rejected":
@@ -173,7 +174,7 @@ class Checkout:
             return "refund already recorded"
         await self.table.update(job.job_id, {"refund_id": obj.first_refund_id or f"dashboard:{obj.id}",
                                              "refund_amount_cents": obj.amount_refunded,
-                                             "refunded_at": _moment(event.created)})
+                                             "refunded_at": _moment(event)})
         return "refund recorded"
 
     # -- jobs.failed --------------------------------------------------------------
@@ -205,5 +206,18 @@ class Checkout:
         return "refunded"
 
 
-def _moment(unix_seconds: int) -> datetime:
-    return datetime.fromtimestamp(unix_seconds, UTC)
+# Stripe's ``created`` is Unix seconds. The schema takes any integer (bounding it
+# there made the janitor, which never reads it, dead-letter paid events); checkout
+# records it, so checkout refuses what is no moment: before the epoch, or past 2**33
+# (the year 2242; 10**13 would be the year 318857, beyond what datetime holds).
+MAX_STRIPE_CREATED = 2 ** 33
+
+
+def _moment(event: StripeEvent) -> datetime:
+    if not 0 <= event.created <= MAX_STRIPE_CREATED:
+        shown = str(event.created)
+        if len(shown) > 24:
+            shown = f"{shown[:20]}... ({len(shown)} digits)"
+        raise InvalidMessage(f"{event.type} {event.id}: created={shown} is no plausible moment "
+                             f"(Unix seconds, 0..{MAX_STRIPE_CREATED} expected)")
+    return datetime.fromtimestamp(event.created, UTC)

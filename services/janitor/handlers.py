@@ -154,7 +154,7 @@ class Janitor:
         expires = job.download_expires_at
         if (job.status is not JobStatus.COMPLETED or expires is None or job.download_expired_at is not None
                 or expires <= now):
-            await self.table.clear_deadline(job.job_id, Deadline.WARN)  # no live download to warn about
+            await self._release(job, Deadline.WARN, now)  # no live download to warn about
             return False
         warn_at = expires - self.config.expiry_warning
         if warn_at > now:
@@ -165,12 +165,14 @@ class Janitor:
         event = JobEvent.new("expiring", job.job_id, attempt=expires_ms, occurred_at=warn_at,
                              data={"expires_at": rfc3339(expires)})
         await self._publish_once(JOBS_EXPIRING, event, f"expiring:{expires_ms}")
-        await self.table.clear_deadline(job.job_id, Deadline.WARN)
+        # A resend may have armed the warning for its new expiry since the claim:
+        # that one stays.
+        await self._release(job, Deadline.WARN, now)
         return True
 
     async def _expire(self, job: Job, now: datetime) -> bool:
         if job.status is not JobStatus.COMPLETED or job.download_expired_at is not None:
-            await self.table.clear_deadline(job.job_id, Deadline.EXPIRE)
+            await self._release(job, Deadline.EXPIRE, now)
             return False
         if job.download_expires_at and job.download_expires_at > now:
             return False  # a resend pushed the expiry out; its new token set the deadline anew
@@ -191,8 +193,15 @@ class Janitor:
         if failed:
             await asyncio.to_thread(delete_job_files, self.config.storage_dir, job)
             log.info("job %s: failed job's files deleted after retention", job.job_id)
-        await self.table.clear_deadline(job.job_id, Deadline.PURGE)
+        await self._release(job, Deadline.PURGE, now)  # kept if a later failure armed it anew
         return failed
+
+    async def _release(self, job: Job, kind: Deadline, now: datetime) -> None:
+        """Take a handled item out of its set, only while it still has the lease end
+        its claim (made at ``now``) gave it. Between the claim and this, another
+        writer may arm the deadline again (a resend issues a new token and sets the
+        warning for its expiry): a plain ZREM would drop that new deadline too."""
+        await self.table.clear_deadline(job.job_id, kind, if_due_at=self.table.lease_end(now, self.config.lease))
 
     async def _erase_old_emails(self, cutoff: datetime, now: datetime) -> int:
         """Erase the email of every job created before ``cutoff``, oldest first, from

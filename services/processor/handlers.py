@@ -187,7 +187,7 @@ class Processor:
             path = await self._store_result(job, event)
         except (PermanentError, UnsafeURL) as exc:
             return await self._fail(job, f"result unusable: {exc}")
-        credits = math.ceil(event.credit_cost) if event.credit_cost is not None else job.credits
+        credits = _credits_used(job, event)
         now = self.clock()
         completed = JobEvent.new("completed", job.job_id, attempt=job.attempts, occurred_at=now,
                                  data={"resolution": job.resolution})
@@ -302,6 +302,24 @@ class Processor:
             return await self.table.get(job_id)
         except JobNotFound:
             raise InvalidMessage(f"unknown job {job_id}") from None
+
+
+def _credits_used(job: Job, event: UpscalerEvent) -> int | None:
+    """The credits the upscaler says the job cost, or the quote's when it names none
+    it could have meant. The figure is informational (design.md, "Money"): the price
+    was charged from the quote, and cost_cents only feeds the revenue report. So a
+    cost that is no amount at all (NaN, infinite, negative; JSON parsers let "nan"
+    and ``NaN`` through) counts as unknown, like a missing one, and the job completes:
+    refusing the event would leave a paid job, whose result is stored, to time out,
+    fail and be refunded over an accounting figure."""
+    cost = event.credit_cost
+    if cost is None:
+        return job.credits
+    if not math.isfinite(cost) or cost < 0:
+        log.warning("job %s: upscaler %s reported creditCost %r, which is no cost; the quoted credits (%s) are "
+                    "recorded instead", job.job_id, event.id, cost, job.credits)
+        return job.credits
+    return math.ceil(cost)
 
 
 def _parse(model, raw: bytes):

@@ -204,8 +204,25 @@ class JobTable:
             items += [DueItem(_s(flat[i]), from_ms(int(float(flat[i + 1])))) for i in range(0, len(flat), 2)]
         return items
 
-    async def clear_deadline(self, job_id: str, kind: Deadline) -> None:
-        await self.redis.zrem(self.keys.deadline(shard_of(job_id, self.keys.shards), kind), job_id)
+    async def clear_deadline(self, job_id: str, kind: Deadline, *, if_due_at: datetime | None = None) -> bool:
+        """Drop the job from a deadline set; True if it was there. With ``if_due_at``,
+        only while its due time is still that moment (millisecond precision): pass
+        the lease end of the ``claim_due`` that took the item, so a deadline armed
+        again meanwhile (a resend's new warning) is kept, not lost."""
+        shard = shard_of(job_id, self.keys.shards)
+        key = self.keys.deadline(shard, kind)
+        if if_due_at is None:
+            return bool(await self.redis.zrem(key, job_id))
+        removed = await self._scripts["clear_deadline_if"](keys=[key],
+                                                           args=[self.keys.tag(shard), job_id, to_ms(if_due_at)])
+        return bool(int(removed))
+
+    @staticmethod
+    def lease_end(now: datetime, lease: timedelta) -> datetime:
+        """The due time ``claim_due(now=now, lease=lease)`` gives the items it claims
+        (the same millisecond arithmetic): what ``clear_deadline(if_due_at=...)``
+        compares against."""
+        return from_ms(to_ms(now) + int(lease.total_seconds() * 1000))
 
     async def mark_done(self, job_id: str, step: str) -> bool:
         """Record that a side effect of ``step`` happened (an email sent, an event

@@ -407,9 +407,11 @@ async def wrong_for_their_job(runid: str, *, table, storage_dir) -> list[Sent]:
     result = storage_dir / processing.job_id / "upscaled-4x.png"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.write_bytes(PNG)
+    # Not dead-lettered: the cost only feeds the revenue report, so the processor
+    # completes the job at its quoted credits (a poll would report the same cost).
     add("upscaler.events", "SUCCESS costing NaN credits",
         {"job_id": processing.job_id, "id": "local-nan", "status": "SUCCESS", "creditCost": float("nan"),
-         "resultPath": str(result)}, {"processor"})
+         "resultPath": str(result)}, set())
     return sent
 
 

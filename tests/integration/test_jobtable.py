@@ -9,7 +9,9 @@ from datetime import timedelta
 
 import pytest
 
+from schemas.events import rfc3339
 from schemas.status import TRANSITIONS, Deadline, JobStatus as S, Stage, TransitionNotAllowed, find_transition, owner_of
+from services.janitor.handlers import Janitor, JanitorConfig
 from smi.jobtable import JobNotFound, JobTable
 from tests.support.jobs import job_fields, make_job
 
@@ -243,3 +245,60 @@ async def test_a_second_link_never_shortens_a_pushed_out_expiry(table):
     assert kept == pushed > first_expiry
     assert (await table.get(job.job_id)).download_expires_at == pushed
     assert (await table.find_by_token(token)) is not None
+
+
+# -- clearing a claimed deadline only while it is still the claim's ------------------
+
+
+async def test_claim_due_leases_to_lease_end_and_a_conditional_clear_takes_only_that(table):
+    renewed, untouched = await make_job(table, S.COMPLETED), await make_job(table, S.COMPLETED)
+    t0 = renewed.updated_at
+    for job in (renewed, untouched):
+        await table.issue_download_token(job.job_id, ttl_hours=24, warn_hours=4, now=t0)
+    now, lease = t0 + timedelta(hours=20, seconds=1), timedelta(minutes=2, microseconds=1500)
+    claimed = await table.claim_due(Deadline.WARN, limit=10, lease=lease, now=now)
+    assert sorted(i.job_id for i in claimed) == sorted([renewed.job_id, untouched.job_id])
+    leased_until = table.lease_end(now, lease)
+    assert {i.due_at for i in await table.due(Deadline.WARN, limit=10, now=now + timedelta(days=2))} == {leased_until}
+
+    # While the claimer works, a resend issues a new token: the warning is armed for
+    # the new expiry. Clearing "if still the lease" keeps it; the other job's goes.
+    _, new_expiry = await table.issue_download_token(renewed.job_id, ttl_hours=24, warn_hours=4,
+                                                     revoke_others=True, now=now + timedelta(seconds=5))
+    assert await table.clear_deadline(renewed.job_id, Deadline.WARN, if_due_at=leased_until) is False
+    assert await table.clear_deadline(untouched.job_id, Deadline.WARN, if_due_at=leased_until) is True
+    [left] = await table.due(Deadline.WARN, limit=10, now=now + timedelta(days=2))
+    assert (left.job_id, left.due_at) == (renewed.job_id, new_expiry - timedelta(hours=4))
+    # Not in the set, or a plain clear: as before.
+    assert await table.clear_deadline(untouched.job_id, Deadline.WARN, if_due_at=leased_until) is False
+    assert await table.clear_deadline(renewed.job_id, Deadline.WARN) is True
+    assert await table.due(Deadline.WARN, limit=10, now=now + timedelta(days=2)) == []
+
+
+async def test_the_janitor_keeps_a_warning_a_resend_armed_while_it_published_the_last(table, tmp_path):
+    """A resend between the janitor's publish of ``jobs.expiring`` and its clearing of
+    the claimed warning used to lose the warning for the resent link's expiry."""
+    job = await make_job(table, S.COMPLETED)
+    t0 = job.updated_at
+    _, first_expiry = await table.issue_download_token(job.job_id, ttl_hours=24, warn_hours=4, now=t0)
+    resent: list = []
+
+    async def publish(spec, key, event):
+        published.append(event)
+        if not resent:  # the operator's resend lands right after the warning went out
+            resent.append(await table.issue_download_token(job.job_id, ttl_hours=24, warn_hours=4,
+                                                           revoke_others=True, now=warned_at))
+
+    published: list = []
+    janitor = Janitor(table, None, publish, JanitorConfig(storage_dir=tmp_path, expiry_warning=timedelta(hours=4),
+                                                          failed_retention=timedelta(days=7), email_retention=None))
+    warned_at = first_expiry - timedelta(hours=3)
+    assert (await janitor.tick(warned_at)).warned == 1
+    [(_, second_expiry)] = resent
+    assert [e.data["expires_at"] for e in published] == [rfc3339(first_expiry)]
+    # The resent link's warning is still armed, and comes due in its time.
+    [armed] = await table.due(Deadline.WARN, limit=10, now=second_expiry)
+    assert (armed.job_id, armed.due_at) == (job.job_id, second_expiry - timedelta(hours=4))
+    assert (await janitor.tick(second_expiry - timedelta(hours=3))).warned == 1
+    assert [e.data["expires_at"] for e in published] == [rfc3339(first_expiry), rfc3339(second_expiry)]
+    assert await table.due(Deadline.WARN, limit=10, now=second_expiry + timedelta(days=1)) == []

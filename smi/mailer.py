@@ -12,14 +12,18 @@ never reach a log line or an error text (a server's reply often quotes them)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import socket
+import time
 from dataclasses import dataclass
 from email.message import EmailMessage
 from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
-from aiosmtplib import SMTPException, SMTPNotSupported, SMTPRecipientsRefused, SMTPResponseException
+from aiosmtplib import (SMTPException, SMTPNotSupported, SMTPRecipientsRefused, SMTPResponseException,
+                        SMTPServerDisconnected)
 
 from smi.errors import PermanentError, TransientError
 
@@ -69,10 +73,31 @@ def classify(exc: SMTPException | OSError) -> TransientError | PermanentError:
     return TransientError(f"SMTP server unavailable: {type(exc).__name__}: {without_addresses(str(exc))}")
 
 
+# A connection is reused for this many messages, and not after this many seconds
+# idle (servers close idle sessions; a fresh one beats a failed send and a retry).
+MESSAGES_PER_CONNECTION = 100
+MAX_IDLE_SECONDS = 10.0
+
+
+@dataclass
+class _Connection:
+    client: aiosmtplib.SMTP
+    sent: int = 0
+    idle_since: float = 0.0
+
+
 class Mailer:
-    def __init__(self, server: SmtpServer, *, timeout: float = 30.0):
+    """Sends over a few long-lived SMTP connections, at most ``connections`` at
+    once: a stage handles a batch of messages concurrently, and a relay limits (and
+    holds against us) connections per client; opening one per message would also
+    cost a TCP and TLS handshake, EHLO and a login each time."""
+
+    def __init__(self, server: SmtpServer, *, timeout: float = 30.0, connections: int = 8):
         self.server = server
         self.timeout = timeout
+        self._slots = asyncio.Semaphore(connections)
+        self._idle: list[_Connection] = []
+        self._local_hostname: str | None = None
 
     @classmethod
     def from_url(cls, url: str, **options) -> Mailer:
@@ -81,13 +106,73 @@ class Mailer:
     async def send(self, message: EmailMessage) -> None:
         """Deliver ``message`` to its To, Cc and Bcc recipients (aiosmtplib takes the
         envelope from those headers and leaves Bcc out of what it transmits)."""
-        server = self.server
-        try:
-            await aiosmtplib.send(
-                message, hostname=server.host, port=server.port, username=server.username,
-                password=server.password, use_tls=server.implicit_tls,
-                # None: STARTTLS if the server offers it; never on top of implicit TLS.
-                start_tls=False if server.implicit_tls else None, timeout=self.timeout)
-        except (SMTPException, OSError) as exc:
-            raise classify(exc) from None  # the original may quote a recipient
+        async with self._slots:
+            connection = self._reusable()
+            while True:
+                reused = connection is not None
+                try:
+                    if connection is None:
+                        connection = await self._connect()
+                    await connection.client.send_message(message)
+                    break
+                except BaseException as exc:
+                    # A connection that failed may be mid-transaction: never reuse it.
+                    if connection is not None:
+                        connection.client.close()
+                    if reused and isinstance(exc, (SMTPServerDisconnected, ConnectionError)):
+                        # The server dropped the pooled connection while it was idle:
+                        # once more, on a new one.
+                        connection = None
+                        continue
+                    if isinstance(exc, (SMTPException, OSError)):
+                        raise classify(exc) from None  # the original may quote a recipient
+                    raise
+            connection.sent += 1
+            await self._put_back(connection)
         log.info("mail sent: %s", message["Message-ID"])
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await self._quit(connection)
+
+    def _reusable(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.client.is_connected and now - connection.idle_since < MAX_IDLE_SECONDS:
+                return connection
+            connection.client.close()
+        return None
+
+    async def _connect(self) -> _Connection:
+        server = self.server
+        if self._local_hostname is None:
+            # aiosmtplib would look the name up (socket.getfqdn, in a thread) for
+            # every connection's EHLO.
+            self._local_hostname = await asyncio.to_thread(socket.getfqdn)
+        client = aiosmtplib.SMTP(
+            hostname=server.host, port=server.port, username=server.username, password=server.password,
+            use_tls=server.implicit_tls, local_hostname=self._local_hostname, timeout=self.timeout,
+            # None: STARTTLS if the server offers it; never on top of implicit TLS.
+            start_tls=False if server.implicit_tls else None)
+        try:
+            await client.connect()
+        except BaseException:
+            client.close()  # connected, but e.g. the login or STARTTLS failed
+            raise
+        return _Connection(client)
+
+    async def _put_back(self, connection: _Connection) -> None:
+        if connection.sent >= MESSAGES_PER_CONNECTION:
+            await self._quit(connection)
+            return
+        connection.idle_since = time.monotonic()
+        self._idle.append(connection)
+
+    @staticmethod
+    async def _quit(connection: _Connection) -> None:
+        try:
+            await connection.client.quit()
+        except (SMTPException, OSError):
+            connection.client.close()

@@ -60,6 +60,10 @@ JOBS = Gauge("smi_jobs", "Jobs in the job table by status (every stage process r
 CONSUMER_LAG = Gauge("smi_consumer_lag",
                      "Messages this process's consumer group has still to handle, as `smi lag` counts them",
                      ["group", "topic", "partition"])
+BATCH_SIZE = Histogram(
+    "smi_batch_size_messages", "Messages per batch a stage agent took from its topic (1 when idle; "
+    "mostly full batches mean the stage is the bottleneck)",
+    ["stage", "topic"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 LAST_PROCESSED = Gauge("smi_last_processed_timestamp_seconds",
                        "Unix time this process last finished a message (handled or dead-lettered)", ["stage"])
 
@@ -69,6 +73,10 @@ LAST_PROCESSED = Gauge("smi_last_processed_timestamp_seconds",
 
 def message(stage: str, topic: str, outcome: str) -> None:
     MESSAGES.labels(stage, topic, outcome).inc()
+
+
+def batch(stage: str, topic: str, size: int) -> None:
+    BATCH_SIZE.labels(stage, topic).observe(size)
 
 
 def message_settled(stage: str, topic: str, outcome: str, seconds: float) -> None:

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     upsampler_timeout_minutes: float = Field(30, gt=0)
     upscaler_submit_retries: int = Field(6, ge=0)
     processor_tick_seconds: float = Field(5, gt=0)
+    # Processes of the local upscaler's Pillow pool; 0 = one per CPU core.
+    local_upscaler_workers: int = Field(0, ge=0, le=64)
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1024)
     max_result_bytes: int = Field(200 * 1024 * 1024, ge=1024)
 
@@ -75,6 +77,10 @@ class Settings(BaseSettings):
     # How long the group waits for a silent (e.g. SIGKILLed) worker before handing its
     # partitions to the others; heartbeats go every third of it.
     kafka_session_timeout_seconds: float = Field(30, ge=6, le=300)
+    # Messages a stage agent handles at once (concurrently, one job's in order) and
+    # acks together; and how many SMTP connections the notifier opens at once.
+    stage_batch_size: int = Field(256, ge=1, le=10_000)
+    smtp_connections: int = Field(8, ge=1, le=256)
     topic_partitions: int = Field(6, ge=1)
     topic_replication: int = Field(1, ge=1)
     max_message_bytes: int = Field(1024 * 1024, ge=1024)

@@ -10,7 +10,7 @@ from services.checkout.handlers import Checkout, Source
 from smi.clock import Clock
 from smi.jobtable import open_table
 from smi.kafka.app import attach_producer, create_app
-from smi.kafka.handling import SourceMessage, add_stage_agent
+from smi.kafka.handling import SourceMessage, add_stage_agents, value_of
 from smi.kafka.producer import EventProducer
 from smi.payments import payments_for
 from smi.settings import Settings
@@ -30,13 +30,9 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Checkout]:
     async def job_requested(message: SourceMessage) -> None:
         await checkout.on_job_request(message.value, Source(message.topic, message.partition, message.offset))
 
-    async def payment_event(message: SourceMessage) -> None:
-        await checkout.on_payment_event(message.value)
-
-    async def job_failed(message: SourceMessage) -> None:
-        await checkout.on_job_failed(message.value)
-
-    add_stage_agent(app, JOBS_REQUESTED, job_requested, producer)
-    add_stage_agent(app, PAYMENTS_EVENTS, payment_event, producer)
-    add_stage_agent(app, JOBS_FAILED, job_failed, producer)
+    add_stage_agents(app, producer, {
+        JOBS_REQUESTED: job_requested,
+        PAYMENTS_EVENTS: value_of(checkout.on_payment_event),
+        JOBS_FAILED: value_of(checkout.on_job_failed),
+    }, batch_size=settings.stage_batch_size)
     return app, checkout

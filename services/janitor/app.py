@@ -13,7 +13,7 @@ from services.janitor.handlers import Janitor, JanitorConfig
 from smi.clock import Clock
 from smi.jobtable import open_table
 from smi.kafka.app import attach_producer, create_app
-from smi.kafka.handling import SourceMessage, add_stage_agent
+from smi.kafka.handling import add_stage_agents, value_of
 from smi.kafka.producer import EventProducer
 from smi.payments import payments_for
 from smi.settings import Settings
@@ -36,14 +36,10 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Janitor]:
         email_retention=timedelta(days=settings.pii_retention_days) if settings.pii_retention_days else None)
     janitor = Janitor(table, payments_for(settings), producer.send, config, clock.now)
 
-    async def payment_event(message: SourceMessage) -> None:
-        await janitor.on_payment_event(message.value)
-
-    async def job_failed(message: SourceMessage) -> None:
-        await janitor.on_job_failed(message.value)
-
-    add_stage_agent(app, PAYMENTS_EVENTS, payment_event, producer)
-    add_stage_agent(app, JOBS_FAILED, job_failed, producer)
+    add_stage_agents(app, producer, {
+        PAYMENTS_EVENTS: value_of(janitor.on_payment_event),
+        JOBS_FAILED: value_of(janitor.on_job_failed),
+    }, batch_size=settings.stage_batch_size)
 
     first_tick = True
 

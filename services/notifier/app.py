@@ -10,7 +10,7 @@ from services.notifier.handlers import Notifier, NotifierConfig
 from smi.clock import Clock
 from smi.jobtable import open_table
 from smi.kafka.app import attach_producer, create_app
-from smi.kafka.handling import RetryPolicy, SourceMessage, add_stage_agent
+from smi.kafka.handling import RetryPolicy, add_stage_agents, value_of
 from smi.kafka.producer import EventProducer
 from smi.mailer import Mailer
 from smi.settings import Settings
@@ -27,22 +27,13 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Notifier]:
     producer = attach_producer(app, EventProducer.from_settings(settings, client_id=STAGE))
     clock = Clock.from_env()  # one clock per process; tests can move it
     table = open_table(settings, clock=clock.now)
-    notifier = Notifier(table, Mailer.from_url(settings.smtp_url), NotifierConfig.from_settings(settings),
+    notifier = Notifier(table, Mailer.from_url(settings.smtp_url, connections=settings.smtp_connections), NotifierConfig.from_settings(settings),
                         clock=clock.now)
 
-    async def completed(message: SourceMessage) -> None:
-        await notifier.on_completed(message.value)
-
-    async def refund(message: SourceMessage) -> None:
-        await notifier.on_refund(message.value)
-
-    async def expiring(message: SourceMessage) -> None:
-        await notifier.on_expiring(message.value)
-
-    async def command(message: SourceMessage) -> None:
-        await notifier.on_command(message)
-
-    for spec, handler in ((JOBS_COMPLETED, completed), (PAYMENTS_REFUNDS, refund), (JOBS_EXPIRING, expiring),
-                          (JOBS_COMMANDS, command)):
-        add_stage_agent(app, spec, handler, producer, policy=SMTP_RETRY_POLICY)
+    add_stage_agents(app, producer, {
+        JOBS_COMPLETED: value_of(notifier.on_completed),
+        PAYMENTS_REFUNDS: value_of(notifier.on_refund),
+        JOBS_EXPIRING: value_of(notifier.on_expiring),
+        JOBS_COMMANDS: notifier.on_command,
+    }, batch_size=settings.stage_batch_size, policy=SMTP_RETRY_POLICY)
     return app, notifier

@@ -9,7 +9,9 @@ clients and operators can tell it is a repeat."""
 
 from __future__ import annotations
 
+import email.policy
 import html
+from functools import lru_cache
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -127,20 +129,28 @@ def _compose(letterhead: Letterhead, job: Job, *, kind: str, occurrence: str, se
     """The caller makes sure the job has an email address."""
     blocks = [*blocks, letterhead.shop_name]
     message = EmailMessage()
-    message["Subject"] = subject
-    message["From"] = letterhead.mail_from
+    message["Subject"] = _parsed("Subject", subject)
+    message["From"] = _parsed("From", letterhead.mail_from)
     message["To"] = job.email
     if letterhead.reply_to:
-        message["Reply-To"] = letterhead.reply_to
+        message["Reply-To"] = _parsed("Reply-To", letterhead.reply_to)
     if letterhead.admin_email:
-        message["Bcc"] = letterhead.admin_email
+        message["Bcc"] = _parsed("Bcc", letterhead.admin_email)
     message["Date"] = format_datetime(sent_at.astimezone(UTC))
     message["Message-ID"] = message_id(kind, job.job_id, occurrence)
     # RFC 3834: a machine sent this; out-of-office replies should not answer it.
-    message["Auto-Submitted"] = "auto-generated"
+    message["Auto-Submitted"] = _parsed("Auto-Submitted", "auto-generated")
     message.set_content(_text(blocks))
     message.add_alternative(_html(subject, blocks), subtype="html")
     return message
+
+
+@lru_cache(maxsize=256)
+def _parsed(name: str, value: str):
+    """A header the way EmailMessage stores it, parsed once: the shop's headers and
+    subjects repeat in every email, and parsing them is most of the cost of
+    composing one (the message keeps a parsed header as it is; they are immutable)."""
+    return email.policy.default.header_factory(name, value)
 
 
 def _text(blocks: list[Block]) -> str:

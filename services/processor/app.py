@@ -5,6 +5,7 @@ and polls (consumer group ``processor``)."""
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 
 import faust
@@ -14,7 +15,7 @@ from services.processor.handlers import Processor, ProcessorConfig
 from smi.clock import Clock
 from smi.jobtable import open_table
 from smi.kafka.app import attach_producer, create_app
-from smi.kafka.handling import SourceMessage, add_stage_agent
+from smi.kafka.handling import add_stage_agents, value_of
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
 from smi.upscalers import LocalUpscaler, UpsamplerClient
@@ -37,23 +38,17 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Processor]:
         timeout=timedelta(minutes=settings.upsampler_timeout_minutes),
         submit_retries=settings.upscaler_submit_retries, max_result_bytes=settings.max_result_bytes)
     if settings.upscaler == "local":
-        backend = {"local": LocalUpscaler(storage, allow=allow, max_input_bytes=settings.max_image_bytes)}
+        backend = {"local": LocalUpscaler(storage, allow=allow, max_input_bytes=settings.max_image_bytes,
+                                          workers=settings.local_upscaler_workers or os.cpu_count() or 1)}
     else:
         backend = {"remote": UpsamplerClient(settings.upsampler_base_url, settings.upsampler_api_key)}
     processor = Processor(table, producer.send, config, clock=clock.now, **backend)
 
-    async def pending(message: SourceMessage) -> None:
-        await processor.on_pending(message.value)
-
-    async def upscaler_event(message: SourceMessage) -> None:
-        await processor.on_upscaler_event(message.value)
-
-    async def command(message: SourceMessage) -> None:
-        await processor.on_command(message.value)
-
-    add_stage_agent(app, JOBS_PENDING, pending, producer)
-    add_stage_agent(app, UPSCALER_EVENTS, upscaler_event, producer)
-    add_stage_agent(app, JOBS_COMMANDS, command, producer)
+    add_stage_agents(app, producer, {
+        JOBS_PENDING: value_of(processor.on_pending),
+        UPSCALER_EVENTS: value_of(processor.on_upscaler_event),
+        JOBS_COMMANDS: value_of(processor.on_command),
+    }, batch_size=settings.stage_batch_size)
 
     @app.timer(interval=settings.processor_tick_seconds)
     async def due_retries_and_polls() -> None:

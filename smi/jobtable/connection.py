@@ -6,10 +6,16 @@ from __future__ import annotations
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from smi.jobtable.autopipeline import AutoPipelineRedis
+
 MAX_CONNECTIONS = 100
 
 
-def connect(redis_url: str, cluster_nodes: str = "", *, max_connections: int = MAX_CONNECTIONS) -> Redis | RedisCluster:
+def connect(redis_url: str, cluster_nodes: str = "", *, max_connections: int = MAX_CONNECTIONS,
+            autopipeline: bool = True) -> Redis | RedisCluster:
+    """A client for REDIS_URL, or for the cluster REDIS_CLUSTER_NODES seeds. On a
+    single server, the commands of one event-loop tick travel as one pipeline
+    (smi.jobtable.autopipeline); the cluster client sends them one by one."""
     if cluster_nodes.strip():
         seeds = []
         for item in cluster_nodes.split(","):
@@ -19,7 +25,8 @@ def connect(redis_url: str, cluster_nodes: str = "", *, max_connections: int = M
     # A burst of concurrent calls waits for a free connection instead of failing
     # with "Too many connections" (the default pool's behaviour).
     pool = BlockingConnectionPool.from_url(redis_url, max_connections=max_connections, timeout=30)
-    return Redis(connection_pool=pool, decode_responses=False)
+    client = AutoPipelineRedis if autopipeline else Redis
+    return client(connection_pool=pool, decode_responses=False)
 
 
 def open_table(settings, *, clock=None, max_connections: int = MAX_CONNECTIONS):

@@ -22,7 +22,8 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,10 @@ logger = logging.getLogger(__name__)
 # by nature, so a handler need not wrap every socket call.
 TRANSIENT_ERRORS = (TransientError, TimeoutError, ConnectionError, redis_errors.ConnectionError,
                     redis_errors.TimeoutError, redis_errors.BusyLoadingError)
+
+
+# Messages a stage agent takes at once (a busy stage; an idle one takes what is there).
+DEFAULT_BATCH_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,15 @@ class SourceMessage:
         return cls(message.topic, message.partition, message.offset, message.key, message.value)
 
 
-Handler = Callable[[SourceMessage], Awaitable[None]]
+Handler = Callable[[SourceMessage], Awaitable[object]]
+
+
+def value_of(handle: Callable[[bytes | None], Awaitable[object]]) -> Handler:
+    """A Handler for a stage method that needs only the message's value."""
+    async def handler(message: SourceMessage) -> None:
+        await handle(message.value)
+    handler.__name__ = getattr(handle, "__name__", "handler")
+    return handler
 
 
 class Outcome(enum.Enum):
@@ -158,19 +171,85 @@ async def handle_safely(stage: str, message: SourceMessage, handler: Handler, pr
             attempt += 1
 
 
+def add_stage_agents(app: faust.App, producer: EventProducer, handlers: Mapping[TopicSpec, Handler], *,
+                     batch_size: int = DEFAULT_BATCH_SIZE, policy: RetryPolicy = RetryPolicy()) -> None:
+    """One agent per source topic of a stage (see ``add_stage_agent``)."""
+    for spec, handler in handlers.items():
+        add_stage_agent(app, spec, handler, producer, policy=policy, batch_size=batch_size)
+
+
 def add_stage_agent(app: faust.App, spec: TopicSpec, handler: Handler, producer: EventProducer, *,
-                    policy: RetryPolicy = RetryPolicy(),
-                    dead_letter_topic: str = JOBS_DEAD_LETTER.name) -> AgentT:
-    """Register the agent that feeds ``spec``'s messages, one at a time, to ``handler``."""
+                    policy: RetryPolicy = RetryPolicy(), dead_letter_topic: str = JOBS_DEAD_LETTER.name,
+                    batch_size: int = DEFAULT_BATCH_SIZE) -> AgentT:
+    """Register the agent that feeds ``spec``'s messages to ``handler`` in batches.
+
+    A batch is what has arrived, up to ``batch_size`` messages (a busy stage takes
+    full batches, an idle one handles a lone message at once). Its messages are
+    handled concurrently, except that messages with the same key (one job's events)
+    go one after another in offset order; so one batch's Redis calls and produces
+    travel together instead of one round trip after another. Every message of the
+    batch is acked only after the whole batch has settled (handled, or its dead
+    letter on the broker), so a commit never passes a message still in hand."""
     stage = app.conf.name
+
+    async def settle(message: SourceMessage) -> None:
+        started = time.monotonic()
+        outcome = await handle_safely(stage, message, handler, producer, policy=policy,
+                                      dead_letter_topic=dead_letter_topic)
+        metrics.message_settled(stage, message.topic, outcome.value, time.monotonic() - started)
 
     async def consume(stream: StreamT) -> None:
         manual = stream.noack()
-        async for event in manual.events():
-            message, started = SourceMessage.from_event(event), time.monotonic()
-            outcome = await handle_safely(stage, message, handler, producer, policy=policy,
-                                          dead_letter_topic=dead_letter_topic)
-            metrics.message_settled(stage, message.topic, outcome.value, time.monotonic() - started)
-            await manual.ack(event)
+        async with aclosing(_batches(manual.events(), batch_size)) as batches:
+            async for batch in batches:
+                await asyncio.gather(*(_in_order(settle, messages) for messages in _by_key(batch).values()))
+                metrics.batch(stage, spec.name, len(batch))
+                for event in batch:
+                    await manual.ack(event)
 
     return app.agent(stage_topic(app, spec), name=f"{stage}.{spec.name}", concurrency=1)(consume)
+
+
+def _by_key(batch: list[EventT]) -> dict[object, list[SourceMessage]]:
+    """The batch's messages grouped by key, each group in offset order; a message
+    without a key is a group of its own."""
+    groups: dict[object, list[SourceMessage]] = {}
+    for index, event in enumerate(batch):
+        message = SourceMessage.from_event(event)
+        groups.setdefault(message.key if message.key is not None else index, []).append(message)
+    return groups
+
+
+async def _in_order(settle: Callable[[SourceMessage], Awaitable[None]], messages: list[SourceMessage]) -> None:
+    for message in messages:
+        await settle(message)
+
+
+async def _batches(events: AsyncIterator[EventT], batch_size: int) -> AsyncIterator[list[EventT]]:
+    """What ``events`` has delivered so far, up to ``batch_size`` at a time.
+
+    A reader task keeps a queue of up to ``batch_size`` events filled while the
+    current batch is handled. Not Faust's ``take_events``: it acks a batch in a
+    ``finally``, so a worker stopped (cancelled) halfway through a batch would ack,
+    and then commit, messages it never finished."""
+    queue: asyncio.Queue[EventT] = asyncio.Queue(maxsize=batch_size)
+
+    async def read() -> None:
+        async for event in events:
+            await queue.put(event)
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while True:
+            first = asyncio.ensure_future(queue.get())
+            await asyncio.wait({first, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not first.done():  # the stream ended (or its reader failed): stop with it
+                first.cancel()
+                reader.result()
+                return
+            batch = [first.result()]
+            while len(batch) < batch_size and not queue.empty():
+                batch.append(queue.get_nowait())
+            yield batch
+    finally:
+        reader.cancel()

@@ -345,3 +345,85 @@ async def test_a_faust_stage_dead_letters_bad_messages_and_handles_good_ones(new
     assert len(warnings) == 4
     assert warnings[3].startswith(f"dead letter: stage={app_id} topic={source.name} partition=0 offset=3 "
                                   "error=resolution: ")
+
+
+def plumbing_app(app_id: str, tmp_path):
+    return create_app(app_id, Settings(kafka_bootstrap_servers=BOOTSTRAP), datadir=tmp_path,
+                      broker_session_timeout=6, broker_heartbeat_interval=1, broker_commit_interval=0.2,
+                      stream_wait_empty=False)
+
+
+async def committed_offset(admin, group: str, topic: str) -> int | None:
+    offsets = await admin.list_consumer_group_offsets(group)
+    committed = offsets.get(TopicPartition(topic, 0))
+    return None if committed is None else committed.offset
+
+
+@pytest.mark.timeout(90)
+async def test_a_batch_runs_keys_concurrently_in_key_order_and_commits_only_once_settled(
+        new_topics, producer, admin, tmp_path):
+    """Ten messages, five keys (a0 a1 b0 b1 ...): a key's messages are handled in
+    offset order, different keys at once; while one message is stuck the group
+    commits nothing of its batch; stopping the worker then (a crash or a
+    rebalance) leaves the whole batch to be redelivered, the finished ones too."""
+    app_id = f"test-plumbing-{RUN}-batch"
+    source = dataclasses.replace(JOBS_REQUESTED, name=unique("batch"))
+    await new_topics(source.name)
+    keys = [k for k in "abcde" for _ in range(2)]
+    for index, key in enumerate(keys):
+        await producer.send_raw(source.name, key.encode(), json.dumps({"n": index}).encode())
+
+    started: list[int] = []
+    finished: list[int] = []
+    release = asyncio.Event()
+    in_flight = 0
+    most_in_flight = 0
+
+    async def handler(message: SourceMessage) -> None:
+        nonlocal in_flight, most_in_flight
+        n = json.loads(message.value)["n"]
+        started.append(n)
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        try:
+            await asyncio.sleep(0.05)
+            if n == 4 and not release.is_set():  # c0 is stuck; c1 waits behind it
+                await release.wait()
+        finally:
+            in_flight -= 1
+        finished.append(n)
+
+    app = plumbing_app(app_id, tmp_path)
+    add_stage_agent(app, source, handler, attach_producer(app, EventProducer(BOOTSTRAP, client_id=app_id)),
+                    batch_size=10)
+    await app.start()
+    try:
+        await wait_for(lambda: len(finished) == 8, "every message but c0 and c1 to finish")
+        assert 5 not in started  # c1 waits for c0 ...
+        assert most_in_flight > 1  # ... while other keys ran at once
+        for key in "abde":  # each key's two messages in offset order
+            first, second = (i for i, k in enumerate(keys) if k == key)
+            assert finished.index(first) < finished.index(second)
+        await asyncio.sleep(1.0)  # five commit intervals
+        # Earlier batches (the first message may have come alone) are committed;
+        # c0's batch, with d0..e1 finished, is not.
+        committed = await committed_offset(admin, app_id, source.name) or 0
+        assert committed <= 4
+    finally:
+        await app.stop()  # with c0 still in hand
+
+    # A new worker of the group gets the whole batch again, finished messages too.
+    finished.clear()
+    release.set()
+    again = plumbing_app(app_id, tmp_path)
+    add_stage_agent(again, source, handler, attach_producer(again, EventProducer(BOOTSTRAP, client_id=app_id)),
+                    batch_size=10)
+    await again.start()
+    try:
+        await wait_for(lambda: sorted(finished) == list(range(committed, 10)), "the redelivered batch to finish")
+
+        async def all_committed() -> bool:
+            return await committed_offset(admin, app_id, source.name) == 10
+        await wait_for(all_committed, "the group to commit offsets 0-9")
+    finally:
+        await again.stop()

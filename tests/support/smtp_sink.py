@@ -36,7 +36,15 @@ class _Handler:
     def __init__(self) -> None:
         self.deliveries: list[Delivery] = []
         self.refusals: list[str] = []
+        self.sessions = 0  # EHLOs seen: one per client connection
         self.lock = threading.Lock()
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        with self.lock:
+            self.sessions += 1
+        session.host_name = hostname
+        return responses
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         with self.lock:
@@ -76,6 +84,11 @@ class SmtpSink:
         replaced by the first recipient, as real servers quote it)."""
         with self._handler.lock:
             self._handler.refusals += [reply] * count
+
+    @property
+    def sessions(self) -> int:
+        with self._handler.lock:
+            return self._handler.sessions
 
     def deliveries(self, predicate: Callable[[Delivery], bool] = lambda d: True) -> list[Delivery]:
         with self._handler.lock:

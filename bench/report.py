@@ -177,6 +177,24 @@ def janitor_table(janitor: Mapping[str, Any]) -> Table:
     return table
 
 
+def bottlenecks_table(bottlenecks: Mapping[str, Mapping[str, Any]]) -> Table:
+    table = Table(title="Where each phase spends its time (CPU in cores, 1.00 = one core all the time; "
+                        "and CPU milliseconds per item)")
+    for column in ("phase", "busiest processes", "bottleneck", "top of the owning stage's profile (ours, inclusive)"):
+        table.add_column(column)
+    for phase, entry in bottlenecks.items():
+        cores = sorted(entry.get("cores", {}).items(), key=lambda item: -item[1])[:4]
+        profile = entry.get("profile") or {}
+        frames = [f"{pct:.0f}% {frame.split(' (')[0]}" for frame, pct in profile.get("ours_inclusive", [])
+                  if "handling.py" not in frame and "__main__" not in frame and "stages.py" not in frame][:4]
+        per_item = entry.get("cpu_ms_per_item", {})
+        table.add_row(STAGE_LABELS.get(phase, phase),
+                      ", ".join(f"{n} {c:.2f}" + (f" ({per_item[n]:.2f} ms/item)" if n in per_item else "")
+                                for n, c in cores),
+                      entry.get("bottleneck", ""), (f"{profile.get('stage')}: " if frames else "") + "; ".join(frames))
+    return table
+
+
 def targets_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(title="Targets of issue 7")
     table.add_column("target")
@@ -195,6 +213,8 @@ def render(results: Mapping[str, Any]) -> list[Any]:
     parts: list[Any] = []
     if results.get("stages"):
         parts.append(stages_table(results["stages"]))
+    if results.get("bottlenecks"):
+        parts.append(bottlenecks_table(results["bottlenecks"]))
     if results.get("baselines"):
         parts.append(baselines_table(results["baselines"]))
     if results.get("redis", {}).get("tables") or results.get("redis", {}).get("live_job_keys_bytes"):

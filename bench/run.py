@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import asynccontextmanager
+from functools import partial
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any
 from rich.console import Console
 
 from bench import baselines, table
+from bench.cpu import PHASE_OWNERS, CpuWindow, Profiler, bottleneck, cpu_per_item, py_spy, system_processes
 from bench.pipeline import Flow
 from bench.report import check_targets, ratio, render, stage_figures
 from bench.system import (EventWatch, ImageServer, MailSink, StageGroupsBusy, SystemProcess, free_port,
@@ -63,6 +66,8 @@ def build_parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
     parser.add_argument("--million", action="store_true",
                         help="also measure a table of 1,000,000 jobs (~5 GB of Redis and its AOF, ~30 min)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"what to measure (default {','.join(PARTS)})")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip the py-spy profile of each phase's stage (CPU per process is still measured)")
     return parser
 
 
@@ -74,6 +79,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
     if unknown or args.jobs < 1:
         say(f"[red]bad arguments: {', '.join(unknown) or '--jobs must be ≥ 1'}[/]")
         return 2
+    if args.profile and py_spy() is None:
+        say("[yellow]py-spy not found (pip install py-spy): no profiles, CPU per process only[/]")
+        args.profile = False
     args.paced_jobs = args.paced_jobs or min(args.jobs, 5000)
     args.baseline_messages = args.baseline_messages or max(args.jobs, 20_000)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -97,7 +105,7 @@ async def run(args: argparse.Namespace) -> int:
                    "baseline_messages": args.baseline_messages,
                    "stripe_jobs": args.stripe_jobs, "parts": args.parts, "kafka": settings.kafka_bootstrap_servers,
                    "redis": settings.redis_url, "system_log": str(args.log)},
-        "stages": {}, "baselines": {}, "redis": {"tables": {}}, "janitor": {}, "notes": [NOISE], "errors": []}
+        "stages": {}, "bottlenecks": {}, "baselines": {}, "redis": {"tables": {}}, "janitor": {}, "notes": [NOISE], "errors": []}
     started = time.monotonic()
     try:
         await ensure_topics(settings)
@@ -122,6 +130,8 @@ async def run(args: argparse.Namespace) -> int:
     passthrough = results["baselines"].get("kafka_passthrough", {}).get("rate")
     for figures in results["stages"].values():
         figures["ratio_to_passthrough"] = ratio(figures.get("rate"), passthrough)
+    for phase, entry in results["bottlenecks"].items():
+        entry["cpu_ms_per_item"] = cpu_per_item(entry, results["stages"].get(phase, {}).get("count"))
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = round(time.monotonic() - started, 1)
     results["targets"] = check_targets(results)
@@ -185,24 +195,30 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
                 sent, _timeout(len(sent), 50))
             say(f"  paced 1,000/s: p99 {figures['latency_ms']['p99']} ms")
 
-            sent = await flow.publish(flow.requests(args.jobs, "burst"))
-            stages["request_to_awaiting_payment"] = figures = await flow.until_awaiting_payment(
-                sent, _timeout(len(sent), 50))
+            processes = system_processes(system.proc.pid)
+            watch_phase = partial(phase_watch, processes, results["bottlenecks"], args.profile)
+            async with watch_phase("request_to_awaiting_payment"):
+                sent = await flow.publish(flow.requests(args.jobs, "burst"))
+                stages["request_to_awaiting_payment"] = figures = await flow.until_awaiting_payment(
+                    sent, _timeout(len(sent), 50))
             say(f"  burst: {figures['count']:,} awaiting_payment at {figures['rate']} /s")
             job_ids = [flow.watch.by_request[r][1]["job_id"] for r in sent if r in flow.watch.by_request]
 
-            sent_at, acked_at, refused = await flow.pay(job_ids)
-            stages["webhook_acknowledged"] = stage_figures(sent_at, acked_at, args.jobs)
-            if refused:
-                results["errors"].append(f"webhooks not acknowledged: {dict(refused)}")
-            paid = list(acked_at)
-            pending = await flow.until(JOBS_PENDING.name, paid, _timeout(len(paid), 50))
+            async with watch_phase("webhook_to_pending"):
+                sent_at, acked_at, refused = await flow.pay(job_ids)
+                stages["webhook_acknowledged"] = stage_figures(sent_at, acked_at, args.jobs)
+                if refused:
+                    results["errors"].append(f"webhooks not acknowledged: {dict(refused)}")
+                paid = list(acked_at)
+                pending = await flow.until(JOBS_PENDING.name, paid, _timeout(len(paid), 50))
             stages["webhook_to_pending"] = figures = stage_figures(sent_at, pending, args.jobs)
             say(f"  webhooks: {figures['count']:,} pending at {figures['rate']} /s")
-            completed = await flow.until(JOBS_COMPLETED.name, list(pending), _timeout(len(pending), 10))
+            async with watch_phase("pending_to_completed"):
+                completed = await flow.until(JOBS_COMPLETED.name, list(pending), _timeout(len(pending), 10))
             stages["pending_to_completed"] = figures = stage_figures(pending, completed, args.jobs)
             say(f"  processor: {figures['count']:,} completed at {figures['rate']} /s")
-            emails = await flow.until_emailed(list(completed), _timeout(len(completed), 10))
+            async with watch_phase("request_to_email"):
+                emails = await flow.until_emailed(list(completed), _timeout(len(completed), 10))
             stages["request_to_email"] = figures = stage_figures(
                 flow.job_requested, emails, args.jobs, since=min(completed.values(), default=None))
             say(f"  notifier: {figures['count']:,} emails at {figures['rate']} /s")
@@ -224,6 +240,25 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
         await images.stop()
         shutil.rmtree(storage, ignore_errors=True)
         await table.unlink(redis, await table.namespace_keys(redis, namespace))
+
+
+@asynccontextmanager
+async def phase_watch(processes: dict[str, int], into: dict, profile: bool, phase: str):
+    """CPU use per process during a phase, the bottleneck it points at, and (with
+    --profile and py-spy) a profile of the stage that owns the phase."""
+    window = CpuWindow(processes).start()
+    owner = PHASE_OWNERS.get(phase)
+    profiler = await Profiler(processes[owner]).start() if profile and owner in processes else None
+    try:
+        yield
+    finally:
+        cores = window.stop()
+        into[phase] = entry = {"cores": cores, "seconds": round(window.seconds, 2),
+                               "bottleneck": bottleneck(phase, cores)}
+        if profiler is not None:
+            summary = await profiler.stop()
+            if summary:
+                entry["profile"] = {"stage": owner, **summary}
 
 
 async def warm_up(flow: Flow, system: SystemProcess, timeout: float = 300) -> None:

@@ -110,6 +110,16 @@ def test_redis_fsyncs_every_write(services):
     assert any(v.split(":")[1] == "/data" for v in redis.get("volumes", []))
 
 
+def test_redis_keeps_job_hashes_compact_like_the_local_stack(services, tmp_path):
+    from smi.stack.layout import Layout
+    from smi.stack.redis_server import HASH_MAX_LISTPACK_VALUE, prepare
+
+    local = prepare("127.0.0.1", 6379, Layout(tmp_path, tmp_path))
+    compose = command_of(services["redis"])
+    for cmd in (local, compose):
+        assert int(cmd[cmd.index("--hash-max-listpack-value") + 1]) == HASH_MAX_LISTPACK_VALUE >= 1024
+
+
 def test_stripe_mock(services):
     mock = services["stripe-mock"]
     assert mock["image"].startswith("stripe/stripe-mock:")

@@ -1,0 +1,197 @@
+"""Where a pipeline phase spends its time: the CPU each process used during the
+phase (from /proc, so no agent in the processes), and, when py-spy is installed,
+a sampled profile of the stage that owns the phase.
+
+The bottleneck read-out follows from the numbers: a process near one full core is
+CPU-bound (Python runs one thread at a time); if none is, the phase waits on
+something (round trips, a pool, the broker) and the profile shows where."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from smi.stack.layout import Layout
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The stage whose handlers do a phase's work (the gateway also takes the webhooks).
+PHASE_OWNERS = {
+    "request_to_awaiting_payment": "checkout",
+    "webhook_to_pending": "checkout",
+    "pending_to_completed": "processor",
+    "request_to_email": "notifier",
+}
+SATURATED = 0.85  # of one core
+OUR_CODE = ("(services/", "(smi/", "(schemas/", "/services/", "/smi/", "/schemas/")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a process and its reaped children (a process pool's
+    workers are children, counted while they run via their own entries)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / CLOCK_TICKS
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def command_line(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def system_processes(supervisor_pid: int, layout: Layout | None = None) -> dict[str, int]:
+    """name → pid: the stages under `smi run all` (and each stage's worker
+    processes, e.g. the local upscaler's, as "<stage>.workers"), Kafka and Redis."""
+    found: dict[str, int] = {}
+    for pid in children(supervisor_pid):
+        line = command_line(pid)
+        stage = next((part.split(".", 1)[1] for part in line if part.startswith("services.")), None)
+        if stage:
+            found[stage] = pid
+    layout = layout or Layout.from_env()
+    for component in ("kafka", "redis"):
+        try:
+            found[component] = int(layout.pid_file(component).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+def _tree_cpu(pid: int) -> float:
+    """A process's CPU plus that of its live children (a stage's process pool)."""
+    total = cpu_seconds(pid) or 0.0
+    for child in children(pid):
+        total += cpu_seconds(child) or 0.0
+    return total
+
+
+@dataclass
+class CpuWindow:
+    """CPU use per process between ``start`` and ``stop``, in cores (1.0 = one
+    core busy the whole time)."""
+
+    processes: Mapping[str, int]
+    started: dict[str, float] | None = None
+    start_time: float = 0.0
+    seconds: float = 0.0  # the window's length, once stopped
+
+    def start(self) -> CpuWindow:
+        self.start_time = asyncio.get_running_loop().time()
+        self.started = {name: _tree_cpu(pid) for name, pid in self.processes.items()}
+        return self
+
+    def stop(self) -> dict[str, float]:
+        self.seconds = wall = asyncio.get_running_loop().time() - self.start_time
+        if wall <= 0 or self.started is None:
+            return {}
+        return {name: round((_tree_cpu(pid) - self.started[name]) / wall, 2)
+                for name, pid in self.processes.items()}
+
+
+def bottleneck(phase: str, cores: Mapping[str, float]) -> str:
+    """One sentence: which process limits the phase, by its CPU use."""
+    if not cores:
+        return "no CPU figures"
+    busiest, used = max(cores.items(), key=lambda item: item[1])
+    owner = PHASE_OWNERS.get(phase)
+    if used >= SATURATED:
+        return f"{busiest} is CPU-bound ({used:.2f} of one core)"
+    machine = sum(cores.values())
+    if machine >= 0.85 * (os.cpu_count() or 1):
+        return f"the machine is CPU-bound ({machine:.2f} of {os.cpu_count()} cores in use; {busiest} the busiest)"
+    who = owner or busiest
+    return (f"no process is CPU-bound (busiest {busiest} at {used:.2f} of a core): {who} waits, "
+            f"on round trips or its worker pool; see its profile")
+
+
+def cpu_per_item(entry: Mapping, count: int | None) -> dict[str, float]:
+    """CPU milliseconds per item each process spent in a phase: unlike a rate, this
+    barely moves when other work shares the machine, so runs compare."""
+    if not count:
+        return {}
+    seconds = entry.get("seconds") or 0
+    return {name: round(cores * seconds * 1000 / count, 3) for name, cores in entry.get("cores", {}).items()}
+
+
+def py_spy() -> str | None:
+    return shutil.which("py-spy")
+
+
+class Profiler:
+    """py-spy sampling one process from ``start`` until ``stop`` (SIGINT makes it
+    write what it has): the functions with the most samples on top of the stack
+    (self) and, among ours, anywhere on it (inclusive)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._dir = Path(tempfile.mkdtemp(prefix="smi-bench-profile-"))
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> Profiler:
+        spy = py_spy()
+        if spy is not None:
+            self._proc = await asyncio.create_subprocess_exec(
+                spy, "record", "-p", str(self.pid), "-d", "3600", "-f", "raw", "-o", str(self._dir / "raw"),
+                "--nonblocking", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        return self
+
+    async def stop(self, *, top: int = 12) -> dict[str, list[tuple[str, float]]] | None:
+        try:
+            if self._proc is None:
+                return None
+            if self._proc.returncode is None:
+                self._proc.send_signal(signal.SIGINT)
+                try:
+                    await asyncio.wait_for(self._proc.wait(), 30)
+                except TimeoutError:
+                    self._proc.kill()
+                    return None
+            out = self._dir / "raw"
+            return summarize(out.read_text(), top=top) if out.exists() else None
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def summarize(raw: str, *, top: int = 12) -> dict[str, list[tuple[str, float]]]:
+    """py-spy's raw (collapsed stack) output as percentages of the samples."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for frame in set(frames):
+            if any(part in frame for part in OUR_CODE):
+                inclusive[frame] += n
+    if not total:
+        return {"self": [], "ours_inclusive": []}
+
+    def share(counter: collections.Counter[str]) -> list[tuple[str, float]]:
+        return [(frame, round(100 * n / total, 1)) for frame, n in counter.most_common(top)]
+    return {"self": share(own), "ours_inclusive": share(inclusive)}

@@ -131,3 +131,27 @@ def test_download_url_joins_the_public_base_url_and_the_token():
 def test_expiry_times_are_shown_in_utc_whatever_the_zone_they_come_in():
     moment = datetime(2025, 5, 14, 11, 30, tzinfo=timezone(timedelta(hours=2)))
     assert emails.format_moment(moment) == "Wednesday 14 May 2025, 09:30 UTC"
+
+
+def test_the_fast_header_registry_gives_byte_for_byte_the_standard_email(monkeypatch):
+    import email.policy
+    import re
+
+    import services.notifier.emails as emails_module
+
+    def flattened() -> dict[str, bytes]:
+        out = {}
+        for kind, message in build_all().items():
+            raw = message.as_bytes()
+            boundary = message.get_boundary().encode()
+            out[kind] = raw.replace(boundary, b"BOUNDARY")
+        return out
+
+    fast = flattened()
+    monkeypatch.setattr(emails_module, "POLICY", email.policy.default)
+    emails_module._parsed.cache_clear()
+    standard = flattened()
+    emails_module._parsed.cache_clear()
+    # Date headers come from the same fixed sent_at; nothing else may differ.
+    assert fast == standard
+    assert all(re.search(rb"^Message-ID: <", raw, re.MULTILINE) for raw in fast.values())

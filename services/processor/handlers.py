@@ -19,6 +19,7 @@ import random
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,6 +90,8 @@ class Processor:
             return await self._submit(job, operator_retry=operator_retry)
         if job.status is JobStatus.PROCESSING and self.local is not None:
             return await self._run_local(job)  # the upscale of a crashed worker, redone
+        if job.status is JobStatus.FAILED:
+            return await self._announce_again(job)  # it may have failed right here, before a crash
         return f"nothing to do: job is {job.status}"
 
     async def _submit(self, job: Job, *, operator_retry: bool) -> str:
@@ -174,6 +177,10 @@ class Processor:
                 # Its submission may be in flight, not recorded yet: try again shortly.
                 raise TransientError(f"upscaler event {event.id} arrived before its submission was recorded")
             return "ignored: not the job's current upscaler job"
+        if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+            # This very event may have finished the job, and the worker died between
+            # the table write and the publish: the redelivery publishes it.
+            return await self._announce_again(job)
         if job.status is not JobStatus.PROCESSING:
             return f"ignored: job is {job.status}"
         if event.status == SUCCESS:
@@ -189,8 +196,7 @@ class Processor:
             return await self._fail(job, f"result unusable: {exc}")
         credits = _credits_used(job, event)
         now = self.clock()
-        completed = JobEvent.new("completed", job.job_id, attempt=job.attempts, occurred_at=now,
-                                 data={"resolution": job.resolution})
+        completed = _completed_event(job, now)
         result = await self.table.transition(job.job_id, JobStatus.COMPLETED, actor=Stage.PROCESSOR,
                                              event_id=completed.event_id, fields={
                                                  "upscaled_file_path": str(path), "upscaled_url": event.image_url,
@@ -198,6 +204,7 @@ class Processor:
                                                  "cost_cents": (credits or 0) * self.config.credit_price_cents})
         if result.outcome == "rejected":
             return f"not completed: job is {result.previous}"
+        crash_point("processor.after_completed_write")
         await self.publish(JOBS_COMPLETED, job.job_id, completed)
         return f"completed ({result.outcome})"
 
@@ -218,17 +225,32 @@ class Processor:
         fetched.path.replace(final)
         return final
 
-    async def _fail(self, job: Job, reason: str) -> str:
+    async def _fail(self, job: Job, reason: str, *, keep_deadlines: tuple[Deadline, ...] = ()) -> str:
         now = self.clock()
-        failed = JobEvent.new("failed", job.job_id, attempt=job.attempts, occurred_at=now, data={"reason": reason})
+        failed = _failed_event(job, reason, now)
         result = await self.table.transition(job.job_id, JobStatus.FAILED, actor=Stage.PROCESSOR,
-                                             event_id=failed.event_id,
+                                             event_id=failed.event_id, keep_deadlines=keep_deadlines,
                                              fields={"failure_reason": reason, "failed_at": now})
         if result.outcome == "rejected":
             return f"not failed: job is {result.previous}"
+        crash_point("processor.after_failed_write")
         log.warning("job %s failed: %s", job.job_id, reason)
         await self.publish(JOBS_FAILED, job.job_id, failed)
         return f"failed: {reason}"
+
+    async def _announce_again(self, job: Job) -> str:
+        """Publish the event of the job's final status once more. Every write here
+        comes before its publish, so a worker that dies in between leaves a job
+        completed or failed that nobody heard of (no email; no refund): the
+        redelivered message that led there publishes it. The event id is the
+        first one's, so whoever got it already drops the repeat."""
+        if job.status is JobStatus.COMPLETED:
+            await self.publish(JOBS_COMPLETED, job.job_id, _completed_event(job, job.completed_at))
+        elif job.status is JobStatus.FAILED:
+            await self.publish(JOBS_FAILED, job.job_id, _failed_event(job, job.failure_reason or "", job.failed_at))
+        else:
+            return f"ignored: job is {job.status}"
+        return f"already {job.status}: event published again"
 
     # -- jobs.commands ----------------------------------------------------------------
 
@@ -256,8 +278,10 @@ class Processor:
         lease = timedelta(minutes=2)
         for item in await self.table.claim_due(Deadline.RETRY, limit=self.config.tick_batch, lease=lease):
             handled += await self._guarded(item.job_id, self._retry_submit)
-        for item in await self.table.claim_due(Deadline.POLL, limit=self.config.tick_batch, lease=lease):
-            handled += await self._guarded(item.job_id, self._poll)
+        now = self.clock()
+        claimed_until = self.table.lease_end(now, lease)
+        for item in await self.table.claim_due(Deadline.POLL, limit=self.config.tick_batch, lease=lease, now=now):
+            handled += await self._guarded(item.job_id, partial(self._poll, claimed_until=claimed_until))
         return handled
 
     async def _guarded(self, job_id: str, step) -> int:
@@ -274,12 +298,21 @@ class Processor:
         if job.status is JobStatus.PENDING:
             await self.start(job)
 
-    async def _poll(self, job: Job) -> None:
+    async def _poll(self, job: Job, *, claimed_until: datetime) -> None:
+        if job.status is JobStatus.FAILED and job.failure_reason == TIMEOUT_REASON:
+            # Timed out by a worker that died before publishing (the item was kept):
+            # publish, then let the item go.
+            await self._announce_again(job)
+            await self.table.clear_deadline(job.job_id, Deadline.POLL, if_due_at=claimed_until)
+            return
         if job.status is not JobStatus.PROCESSING:
             return
         now = self.clock()
         if job.processing_started_at and now - job.processing_started_at >= self.config.timeout:
-            await self._fail(job, TIMEOUT_REASON)
+            # No message comes back to a timer's step: its item stays in the poll set
+            # (out of reach for the lease) until the failure is published.
+            await self._fail(job, TIMEOUT_REASON, keep_deadlines=(Deadline.POLL,))
+            await self.table.clear_deadline(job.job_id, Deadline.POLL, if_due_at=claimed_until)
             return
         if self.local is not None:
             await self._run_local(job)
@@ -302,6 +335,15 @@ class Processor:
             return await self.table.get(job_id)
         except JobNotFound:
             raise InvalidMessage(f"unknown job {job_id}") from None
+
+
+def _completed_event(job: Job, at: datetime | None) -> JobEvent:
+    return JobEvent.new("completed", job.job_id, attempt=job.attempts, occurred_at=at,
+                        data={"resolution": job.resolution})
+
+
+def _failed_event(job: Job, reason: str, at: datetime | None) -> JobEvent:
+    return JobEvent.new("failed", job.job_id, attempt=job.attempts, occurred_at=at, data={"reason": reason})
 
 
 def _credits_used(job: Job, event: UpscalerEvent) -> int | None:

@@ -427,3 +427,11 @@ async def test_a_batch_runs_keys_concurrently_in_key_order_and_commits_only_once
         await wait_for(all_committed, "the group to commit offsets 0-9")
     finally:
         await again.stop()
+
+
+def test_a_stage_sees_topics_that_appear_after_it_joined_within_seconds(tmp_path):
+    """After a broker restart a worker can join before the topics are loaded and get
+    no partitions; it rejoins at its next metadata refresh (the chaos run found a
+    notifier idle for minutes with Faust's default of 5)."""
+    app = create_app("test-plumbing-metadata", Settings(kafka_bootstrap_servers=BOOTSTRAP), datadir=tmp_path)
+    assert app.conf.consumer_metadata_max_age_ms <= 10_000

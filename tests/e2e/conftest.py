@@ -3,7 +3,14 @@ real Kafka, Redis and stripe-mock (behind a recording proxy).
 
 One set of processes serves the whole session: stages of one consumer group share
 the contract's topics, so every test works on its own jobs (unique request ids)
-in a session-wide Redis namespace, and asserts on those jobs only."""
+in a session-wide Redis namespace, and asserts on those jobs only.
+
+Scale-out mode (issue 7, `make test-scale`), switched by the environment:
+E2E_WORKERS=N runs every Faust stage (checkout, processor, notifier, janitor) as N
+processes in its consumer group (a stage fixture is then one StageProcess of N
+workers, ready once all N have joined the group); E2E_REDIS_CLUSTER=1 puts the
+job table, the stages' and the tests' own, on a throwaway 3-node Redis Cluster
+started for the session (REDIS_URL is then not used)."""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import uuid
 
 import aiohttp
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.topics import ALL_TOPICS, JOBS_REQUESTED
 from smi.jobtable import JobTable, connect
@@ -22,6 +30,7 @@ from smi.settings import Settings
 from smi.stack.topics import ensure_topics
 from tests.support.kafka_watch import TopicWatcher, eventually
 from tests.support.processes import StageProcess
+from tests.support.redis_cluster import LocalRedisCluster
 from tests.support.stripe_proxy import RecordingStripeProxy
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
@@ -29,6 +38,8 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 STRIPE_MOCK = os.environ.get("STRIPE_API_BASE", "http://127.0.0.1:12111")
 WEBHOOK_SECRET = "whsec_e2e_" + uuid.uuid4().hex
 SHARDS = 8
+WORKERS = int(os.environ.get("E2E_WORKERS", "1"))  # processes per Faust stage
+REDIS_CLUSTER = os.environ.get("E2E_REDIS_CLUSTER", "").strip() not in ("", "0")
 
 
 def free_port() -> int:
@@ -61,9 +72,26 @@ def storage_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def stage_env(namespace, stripe_proxy, gateway_port, storage_dir) -> dict[str, str]:
+def redis_cluster_nodes(tmp_path_factory):
+    """The seed nodes of the session's Redis Cluster (E2E_REDIS_CLUSTER=1), else ""."""
+    if not REDIS_CLUSTER:
+        yield ""
+        return
+    cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    yield cluster.nodes
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def stage_env(namespace, stripe_proxy, gateway_port, storage_dir, redis_cluster_nodes) -> dict[str, str]:
     return {"STORAGE_DIR": str(storage_dir),
-        "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "REDIS_URL": REDIS_URL, "REDIS_NAMESPACE": namespace,
+        "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "REDIS_URL": REDIS_URL, "REDIS_CLUSTER_NODES": redis_cluster_nodes,
+        "REDIS_NAMESPACE": namespace,
         "REDIS_SHARDS": str(SHARDS), "PAYMENTS": "stripe", "STRIPE_API_BASE": stripe_proxy.url,
         "STRIPE_API_KEY": "sk_test_123", "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "GATEWAY_PORT": str(gateway_port), "PUBLIC_BASE_URL": f"http://127.0.0.1:{gateway_port}",
@@ -85,8 +113,8 @@ async def watcher(topics_ready):
 
 
 @pytest.fixture(scope="session")
-async def redis_client():
-    client = connect(REDIS_URL)
+async def redis_client(redis_cluster_nodes):
+    client = connect(REDIS_URL, redis_cluster_nodes)
     await client.ping()
     yield client
     await client.aclose()
@@ -136,10 +164,57 @@ async def job_for_request(table: JobTable, request_id: str, *, timeout: float = 
     return await eventually(find, timeout=timeout)
 
 
+def stage_process(stage: str, env: dict[str, str], logdir) -> StageProcess:
+    """A Faust stage of the session's E2E_WORKERS processes (not started)."""
+    return StageProcess(stage, env, logdir, workers=WORKERS)
+
+
+async def group_members(group: str) -> tuple[str, int]:
+    """The consumer group's state and its number of members, as the broker has them."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+    await admin.start()
+    try:
+        # One group per request (see smi/ops/lag.py: aiokafka misreads several).
+        [response] = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    for error_code, group_id, state, _protocol_type, _protocol, members, *_ in response.groups:
+        if group_id == group and error_code == 0:
+            return state, len(members)
+    return "Dead", 0
+
+
+async def joined(stage: StageProcess, *, timeout: float = 90) -> None:
+    """Wait until every worker of ``stage`` is in its consumer group (named after the
+    stage) and the group is stable with exactly them: no rebalance to come from
+    their start, nor a member left over from a killed process (one leaves when its
+    session times out)."""
+    async def settled():
+        if not stage.alive:
+            raise AssertionError(f"{stage.stage} exited while joining:\n{stage.log_tail()}")
+        return await group_members(stage.stage) == ("Stable", stage.workers)
+    try:
+        await eventually(settled, timeout=timeout, interval=0.5)
+    except AssertionError as exc:
+        pytest.fail(f"{stage.stage}: {stage.workers} worker(s) did not join the group {stage.stage} "
+                    f"(state and members: {await group_members(stage.stage)}): {exc}\n{stage.log_tail()}")
+
+
+async def start_stage(stage: str, env: dict[str, str], logdir) -> StageProcess:
+    """A Faust stage started and joined (its fixture's probe then shows it working)."""
+    process = stage_process(stage, env, logdir).start()
+    try:
+        await joined(process)
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
 @pytest.fixture(scope="session")
 async def checkout(stage_env, tmp_path_factory, producer, table, watcher):
     """The checkout stage, ready: it has turned a probe request into a job."""
-    stage = StageProcess("checkout", stage_env, tmp_path_factory.mktemp("checkout-logs")).start()
+    stage = await start_stage("checkout", stage_env, tmp_path_factory.mktemp("checkout-logs"))
     probe = job_request()
     await publish_request(producer, probe)
     try:

@@ -49,7 +49,7 @@ from schemas.urls import HostAllowList
 from smi import stripe_webhooks
 from smi.jobtable.keys import shard_of
 from smi.kafka.dead_letter import kept_value
-from tests.e2e.conftest import KAFKA, job_request
+from tests.e2e.conftest import KAFKA, joined, job_request, stage_process
 from tests.support import bad_inputs
 from tests.support.bad_inputs import CONSUMERS, INPUT_TOPICS, BadMessage, sample_bad_messages
 from tests.support.image_server import ImageServer
@@ -171,10 +171,10 @@ async def stages(checkout, stage_env, tmp_path_factory, producer, table, images,
     """Processor, notifier and janitor processes, each ready: it has consumed a probe."""
     logs = tmp_path_factory.mktemp("bad-input-stages")
     own = {
-        "processor": StageProcess("processor", {**stage_env, "UPSCALER": "local", "PROCESSOR_TICK_SECONDS": "0.5"},
-                                  logs),
-        "notifier": StageProcess("notifier", {**stage_env, "SMTP_URL": sink.url}, logs),
-        "janitor": StageProcess("janitor", {**stage_env, "JANITOR_INTERVAL_SECONDS": "1"}, logs),
+        "processor": stage_process("processor", {**stage_env, "UPSCALER": "local", "PROCESSOR_TICK_SECONDS": "0.5"},
+                                   logs),
+        "notifier": stage_process("notifier", {**stage_env, "SMTP_URL": sink.url}, logs),
+        "janitor": stage_process("janitor", {**stage_env, "JANITOR_INTERVAL_SECONDS": "1"}, logs),
     }
     for stage in own.values():
         stage.start()
@@ -195,8 +195,9 @@ async def stages(checkout, stage_env, tmp_path_factory, producer, table, images,
         await wait_status(table, job.job_id, S.ABANDONED, timeout=120)
 
     try:
+        await asyncio.gather(*(joined(stage) for stage in own.values()))  # every worker in its group
         await asyncio.gather(processor_ready(), notifier_ready(), janitor_ready())
-    except AssertionError:
+    except (AssertionError, pytest.fail.Exception):
         tails = "\n".join(f"--- {name}\n{stage.log_tail()}" for name, stage in own.items())
         for stage in own.values():
             stage.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import sys
 import uuid
@@ -17,20 +18,24 @@ import uuid
 from aiokafka import AIOKafkaConsumer
 
 from smi import stripe_webhooks
-from tests.e2e.conftest import WEBHOOK_SECRET, free_port, start_gateway
+from tests.e2e.conftest import WEBHOOK_SECRET, start_gateway
 from tests.support.kafka_watch import eventually
 
 
 def free_port_pair() -> int:
-    """A port whose successor is free too (the broker's controller listener)."""
+    """A port whose successor is free too (the broker's controller listener).
+
+    Below the kernel's ephemeral range (32768 and up here): a port from that range
+    can be taken by any outgoing connection before the broker binds it."""
     while True:
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
+        port = random.randrange(20000, 32000, 2)
+        try:
+            with socket.socket() as first, socket.socket() as second:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
 
 
 async def smi(env: dict, *args: str) -> str:

@@ -20,7 +20,7 @@ from schemas.status import Deadline, JobStatus as S
 from schemas.topics import JOBS_FAILED
 from smi import stripe_webhooks
 from smi.clock import set_offset
-from tests.e2e.conftest import KAFKA, wait_status
+from tests.e2e.conftest import KAFKA, start_stage, wait_status
 from tests.e2e.flows import completed_event, open_job, post_webhook
 from tests.support.jobs import make_job
 from tests.support.kafka_watch import drained, eventually, for_job
@@ -47,7 +47,7 @@ def janitor_env(stage_env, clock_file) -> dict[str, str]:
 @pytest.fixture(scope="module")
 async def janitor(janitor_env, tmp_path_factory, table, topics_ready):
     """A janitor process, ready: it has abandoned a job whose payment deadline passed."""
-    stage = StageProcess("janitor", janitor_env, tmp_path_factory.mktemp("janitor-logs")).start()
+    stage = await start_stage("janitor", janitor_env, tmp_path_factory.mktemp("janitor-logs"))
     probe = await make_job(table, S.AWAITING_PAYMENT)
     await table.update(probe.job_id, {}, deadlines={Deadline.ABANDON: probe.created_at})
     try:

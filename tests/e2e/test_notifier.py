@@ -21,7 +21,7 @@ from schemas.events import Command, JobEvent, rfc3339, utcnow
 from schemas.job import to_ms
 from schemas.status import JobStatus as S
 from schemas.topics import JOBS_COMMANDS, JOBS_COMPLETED, JOBS_EXPIRING, PAYMENTS_REFUNDS
-from tests.e2e.conftest import KAFKA
+from tests.e2e.conftest import KAFKA, start_stage
 from tests.support.jobs import make_job
 from tests.support.kafka_watch import eventually, for_job
 from tests.support.processes import StageProcess
@@ -44,10 +44,10 @@ def sink():
 async def notifier(stage_env, sink, tmp_path_factory, producer, table, storage_dir, watcher):
     """The notifier stage, ready: it has emailed a probe job. (After the watcher, so
     that sees every message the module causes.)"""
-    stage = StageProcess("notifier", {**stage_env, "SMTP_URL": sink.url, "SHOP_NAME": SHOP,
-                                      "MAIL_FROM": f"{SHOP} <shop@shop.example.com>",
-                                      "REPLY_TO": "help@shop.example.com", "ADMIN_EMAIL": ADMIN_EMAIL},
-                         tmp_path_factory.mktemp("notifier-logs")).start()
+    stage = await start_stage("notifier", {**stage_env, "SMTP_URL": sink.url, "SHOP_NAME": SHOP,
+                                           "MAIL_FROM": f"{SHOP} <shop@shop.example.com>",
+                                           "REPLY_TO": "help@shop.example.com", "ADMIN_EMAIL": ADMIN_EMAIL},
+                              tmp_path_factory.mktemp("notifier-logs"))
     probe, _ = await completed_job(table, storage_dir)
     await publish_completed(producer, probe.job_id)
     try:

@@ -10,10 +10,9 @@ import pytest
 from PIL import Image
 
 from schemas.status import JobStatus as S
-from tests.e2e.conftest import wait_status
+from tests.e2e.conftest import start_stage, wait_status
 from tests.e2e.flows import paid_job
 from tests.support.image_server import ImageServer
-from tests.support.processes import StageProcess
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +23,8 @@ async def images():
 
 @pytest.fixture(scope="module")
 async def processor(stage_env, tmp_path_factory, checkout, gateway):
-    stage = StageProcess("processor", {**stage_env, "UPSCALER": "local", "PROCESSOR_TICK_SECONDS": "0.5"},
-                         tmp_path_factory.mktemp("local-processor-logs")).start()
+    stage = await start_stage("processor", {**stage_env, "UPSCALER": "local", "PROCESSOR_TICK_SECONDS": "0.5"},
+                              tmp_path_factory.mktemp("local-processor-logs"))
     yield stage
     stage.stop()
 

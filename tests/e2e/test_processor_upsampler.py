@@ -14,12 +14,11 @@ from PIL import Image
 from schemas.events import Command, JobEvent, make_event_id
 from schemas.status import JobStatus as S
 from schemas.topics import JOBS_COMMANDS, JOBS_PENDING
-from tests.e2e.conftest import KAFKA, wait_status
+from tests.e2e.conftest import KAFKA, start_stage, wait_status
 from tests.e2e.flows import paid_job
 from tests.support.fake_upsampler import DEFAULT_API_KEY, FakeUpsampler
 from tests.support.image_server import ImageServer
 from tests.support.kafka_watch import drained, eventually, for_job
-from tests.support.processes import StageProcess
 
 TIMEOUT_SECONDS = 12
 
@@ -38,11 +37,11 @@ async def upsampler():
 
 @pytest.fixture(scope="module")
 async def processor(stage_env, upsampler, tmp_path_factory, checkout, gateway):
-    stage = StageProcess("processor", {
+    stage = await start_stage("processor", {
         **stage_env, "UPSCALER": "upsampler", "UPSAMPLER_BASE_URL": upsampler.base_url,
         "UPSAMPLER_API_KEY": DEFAULT_API_KEY, "UPSAMPLER_POLL_AFTER_SECONDS": "2",
         "UPSAMPLER_TIMEOUT_MINUTES": str(TIMEOUT_SECONDS / 60), "PROCESSOR_TICK_SECONDS": "0.5",
-    }, tmp_path_factory.mktemp("processor-logs")).start()
+    }, tmp_path_factory.mktemp("processor-logs"))
     yield stage
     stage.stop()
 
@@ -175,6 +174,36 @@ async def test_killed_after_the_submission_is_recorded_it_completes_once_without
     processor.start()
     await wait_status(table, job.job_id, S.COMPLETED, timeout=90)
     assert len(submissions_for(upsampler, url)) == 1
+
+
+@pytest.mark.parametrize("outcome, crash_at, status, topic", [
+    ("SUCCESS", "processor.after_completed_write", S.COMPLETED, "jobs.completed"),
+    ("FAILED", "processor.after_failed_write", S.FAILED, "jobs.failed"),
+])
+async def test_killed_between_the_final_write_and_its_event_the_event_is_still_published_once(
+        processor, upsampler, images, producer, table, http, gateway, watcher, outcome, crash_at, status, topic):
+    """Found by the chaos run: the job was completed in the table, the processor died
+    before publishing jobs.completed, and the redelivered callback was ignored, so
+    no email was ever sent (for a failure: no refund)."""
+    upsampler.script(outcome=outcome, error="it broke")
+    processor.kill()
+    processor.start(SMI_CRASH_AT=crash_at)
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    assert await asyncio.to_thread(processor.wait_exit, 120) == 137
+    assert (await table.get(job.job_id)).status is status
+    assert not watcher.matching(topic, for_job(job.job_id))  # written, not announced
+    processor.start()
+    try:
+        event_id = make_event_id(job.job_id, status.value, 1)
+        await watcher.wait_for(topic, lambda m: for_job(job.job_id)(m) and json.loads(m.value)["event_id"] == event_id,
+                               timeout=90)
+        await drained(KAFKA, "processor", ["jobs.pending", "upscaler.events"])
+        assert {json.loads(m.value)["event_id"] for m in watcher.matching(topic, for_job(job.job_id))} == {event_id}
+        assert [h.target for h in await table.history(job.job_id)].count(status) == 1
+        assert len(submissions_for(upsampler, url)) == 1
+    finally:
+        upsampler.script(outcome="SUCCESS")
 
 
 async def test_retry_command_is_refused_after_a_refund_unless_forced(processor, upsampler, images, producer, table,

@@ -3,6 +3,7 @@ for running the job-table suite unchanged on Redis Cluster."""
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -10,24 +11,23 @@ import time
 from pathlib import Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _bindable(port: int) -> bool:
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
 
 
 def _cluster_ports() -> list[int]:
-    # Cluster nodes also listen on port+10000 for the bus: pick ports whose bus
-    # port is free too.
+    """Three ports whose bus ports (port + 10000) are free too, all below the
+    kernel's ephemeral range (32768 and up here): a port from that range can be
+    taken by any outgoing connection before the node binds it."""
     ports: list[int] = []
     while len(ports) < 3:
-        port = _free_port()
-        if port < 55000 and port not in ports:
-            try:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
+        port = random.randrange(20000, 22768)
+        if port not in ports and _bindable(port) and _bindable(port + 10000):
             ports.append(port)
     return ports
 

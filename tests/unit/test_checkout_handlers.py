@@ -13,46 +13,17 @@ from schemas.requests import InvalidMessage
 from schemas.status import JobStatus
 from services.checkout.handlers import MAX_STRIPE_CREATED, Checkout
 from smi import stripe_webhooks
-from smi.jobtable.table import TransitionResult
+from tests.support.one_job_table import OneJobTable, Published
 
 JOB_ID = "3f1c2a9e-8d4b-4c6a-9f2e-1b7d5e0a4c3d"
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
-class FakeTable:
-    """get, transition and update: records every write."""
-
-    def __init__(self, job: Job):
-        self.job = job
-        self.writes: list[tuple] = []
-
-    async def get(self, job_id: str) -> Job:
-        assert job_id == self.job.job_id
-        return self.job
-
-    async def transition(self, job_id, target, *, actor, event_id, fields=None, clear=(), deadlines=None,
-                         now=None) -> TransitionResult:
-        previous = self.job.status
-        self.writes.append(("transition", target, dict(fields or {})))
-        self.job = self.job.model_copy(update={"status": target, **(fields or {})})
-        return TransitionResult("applied", previous)
-
-    async def update(self, job_id, fields, *, clear=(), expect_status=(), deadlines=None, clear_deadlines=(),
-                     now=None) -> bool:
-        self.writes.append(("update", dict(fields)))
-        return True
-
-
-class Published(list):
-    async def __call__(self, spec, key, value) -> None:
-        self.append((spec.name, key, value))
-
-
-def checkout(status: JobStatus = JobStatus.AWAITING_PAYMENT, **fields) -> tuple[Checkout, FakeTable, Published]:
+def checkout(status: JobStatus = JobStatus.AWAITING_PAYMENT, **fields) -> tuple[Checkout, OneJobTable, Published]:
     job = Job(job_id=JOB_ID, status=status, image_url="https://images.example.com/a.png", resolution="4x",
               image_width=2000, image_height=2000, price_cents=384, stripe_checkout_session_id="cs_1",
               created_at=T0, updated_at=T0, **fields)
-    table, published = FakeTable(job), Published()
+    table, published = OneJobTable(job), Published()
     # Payments are never called on these paths.
     return Checkout(table, None, published, policy=None, markup_percent=500, credit_price_cents=4), table, published
 

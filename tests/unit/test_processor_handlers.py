@@ -13,36 +13,12 @@ from schemas.job import Job
 from schemas.status import JobStatus
 from schemas.topics import JOBS_COMPLETED
 from services.processor.handlers import Processor, ProcessorConfig
-from smi.jobtable.table import TransitionResult
+from tests.support.one_job_table import OneJobTable, Published
 
 JOB_ID = "3f1c2a9e-8d4b-4c6a-9f2e-1b7d5e0a4c3d"
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 QUOTED_CREDITS = 16  # 2000x2000 at 4x (design.md, "Money")
 CREDIT_PRICE = 4
-
-
-class FakeTable:
-    """get and transition, as much of the job table as completing a job uses."""
-
-    def __init__(self, job: Job):
-        self.job = job
-        self.transitions: list[tuple[JobStatus, dict]] = []
-
-    async def get(self, job_id: str) -> Job:
-        assert job_id == self.job.job_id
-        return self.job
-
-    async def transition(self, job_id, target, *, actor, event_id, fields=None, clear=(), deadlines=None,
-                         now=None) -> TransitionResult:
-        previous = self.job.status
-        self.transitions.append((target, dict(fields or {})))
-        self.job = self.job.model_copy(update={"status": target, **(fields or {})})
-        return TransitionResult("applied", previous)
-
-
-class Published(list):
-    async def __call__(self, spec, key, value) -> None:
-        self.append((spec.name, key, value))
 
 
 def processing_job() -> Job:
@@ -54,7 +30,7 @@ def processing_job() -> Job:
 
 @pytest.fixture
 def setup(tmp_path: Path):
-    table, published = FakeTable(processing_job()), Published()
+    table, published = OneJobTable(processing_job()), Published()
     config = ProcessorConfig(storage_dir=tmp_path, allow=None, public_base_url="http://127.0.0.1:8080",
                              credit_price_cents=CREDIT_PRICE, poll_after=timedelta(seconds=30),
                              timeout=timedelta(minutes=10), submit_retries=3, max_result_bytes=10 ** 6)

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from aiokafka.errors import KafkaError, KafkaTimeoutError, OutOfOrderSequenceNumber
 from pydantic import ValidationError
 from redis import exceptions as redis_errors
 
@@ -51,6 +52,20 @@ logger = logging.getLogger(__name__)
 # by nature, so a handler need not wrap every socket call.
 TRANSIENT_ERRORS = (TransientError, TimeoutError, ConnectionError, redis_errors.ConnectionError,
                     redis_errors.TimeoutError, redis_errors.BusyLoadingError)
+# Our own Kafka and Redis away (a broker restarting, Redis loading its AOF): every
+# message of the stage would fail alike, whatever it holds.
+REDIS_OUTAGE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError)
+# Sends that timed out, or a producer aiokafka gave up on (EventProducer replaces it).
+KAFKA_OUTAGE = (KafkaTimeoutError, OutOfOrderSequenceNumber)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True if ``exc`` says Kafka or Redis is unavailable, not that the message is
+    wrong: retried without limit. A Kafka error that no retry fixes (a record too
+    large, a missing right) is not an outage."""
+    if isinstance(exc, REDIS_OUTAGE) or isinstance(exc, KAFKA_OUTAGE):
+        return True
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
 # Messages a stage agent takes at once (a busy stage; an idle one takes what is there).
@@ -120,27 +135,39 @@ async def run_with_retries(stage: str, message: SourceMessage, handler: Handler,
     Invalid messages fail at once (retrying cannot fix them), transient errors are
     retried ``policy.retries`` times with backoff, anything else fails at once and
     is logged with its traceback (a bug or an unforeseen case, worth a look)."""
-    attempt = 0
+    attempt = outages = 0
     while True:
         try:
             await handler(message)
             return None
         except (InvalidMessage, ValidationError, PermanentError, UnsafeURL) as exc:
             return failure_reason(exc)
-        except TRANSIENT_ERRORS as exc:
+        except Exception as exc:
+            error = exc
+        if is_outage(error):
+            # Without limit: the message is fine, and dead-lettering it would drop a
+            # good message from the flow for as long as the outage lasts. The
+            # partition waits instead (it shows as lag), as every other one does.
+            delay = policy.delay(min(outages, 16), jitter())
+            log = logger.warning if outages % 10 == 0 else logger.info
+            log("Kafka or Redis unavailable, attempt %d, again in %.2fs: stage=%s topic=%s partition=%s "
+                "offset=%s error=%s", outages + 1, delay, stage, message.topic, message.partition, message.offset,
+                failure_reason(error))
+            outages += 1
+        elif isinstance(error, TRANSIENT_ERRORS):
             if attempt >= policy.retries:
-                return f"gave up after {attempt + 1} attempts: {failure_reason(exc)}"
+                return f"gave up after {attempt + 1} attempts: {failure_reason(error)}"
             delay = policy.delay(attempt, jitter())
             logger.info("transient error, retry %d of %d in %.2fs: stage=%s topic=%s partition=%s offset=%s "
                         "error=%s", attempt + 1, policy.retries, delay, stage, message.topic,
-                        message.partition, message.offset, failure_reason(exc))
-            metrics.message(stage, message.topic, "retried")
-            await sleep(delay)
+                        message.partition, message.offset, failure_reason(error))
             attempt += 1
-        except Exception as exc:
-            logger.exception("unexpected error: stage=%s topic=%s partition=%s offset=%s",
-                             stage, message.topic, message.partition, message.offset)
-            return failure_reason(exc)
+        else:
+            logger.error("unexpected error: stage=%s topic=%s partition=%s offset=%s",
+                         stage, message.topic, message.partition, message.offset, exc_info=error)
+            return failure_reason(error)
+        metrics.message(stage, message.topic, "retried")
+        await sleep(delay)
 
 
 async def handle_safely(stage: str, message: SourceMessage, handler: Handler, producer: EventProducer, *,

@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 from pydantic import BaseModel
 
 from schemas.topics import TopicSpec
 from smi.settings import Settings
+
+log = logging.getLogger(__name__)
 
 Value = BaseModel | dict[str, Any]
 Key = str | bytes | None
@@ -74,6 +78,7 @@ class EventProducer:
         # built in start(): an EventProducer can be made at import time.
         self._producer: AIOKafkaProducer | None = None
         self._starting = asyncio.Lock()  # two concurrent start() calls make one producer
+        self.replaced = 0  # producers replaced after aiokafka's died
 
     @classmethod
     def from_settings(cls, settings: Settings, *, client_id: str = "smi", **options: Any) -> EventProducer:
@@ -117,6 +122,37 @@ class EventProducer:
     async def send(self, spec: TopicSpec, key: Key, value: Value) -> RecordMetadata:
         return await self.send_raw(spec.name, encode_key(key), encode_value(spec, value))
 
+    async def _replace_if_dead(self, producer: AIOKafkaProducer) -> None:
+        """aiokafka's sender task dies of a fatal error (OutOfOrderSequenceNumber
+        after a broker restart cut off an in-flight batch of this idempotent
+        producer, ProducerFenced), and from then on every send fails with it: a
+        gateway would answer 503 and a stage would stall until restarted (found by
+        the chaos run). Such a producer is replaced by a new one, with a new
+        producer id; the failed send is the caller's to retry, as any other."""
+        sender = getattr(producer, "_sender", None)
+        task = getattr(sender, "sender_task", None)
+        if task is None or not task.done():
+            return
+        async with self._starting:
+            if self._producer is not producer:
+                return  # another send replaced it already
+            log.warning("Kafka producer %s died (%r); starting a new one", self._options["client_id"],
+                        task.exception() if not task.cancelled() else "cancelled")
+            # Swapped only once the new one runs, so concurrent sends never find
+            # none; if no broker answers yet, the next failure tries again.
+            new = AIOKafkaProducer(**self._options)
+            try:
+                await new.start()
+            except BaseException:
+                await new.stop()
+                raise
+            self._producer = new
+            self.replaced += 1
+        try:
+            await asyncio.wait_for(producer.stop(), 10)
+        except Exception:  # it is dead already; its buffered records failed with it
+            pass
+
     async def send_many(self, messages: Iterable[tuple[TopicSpec, Key, Value]]) -> list[RecordMetadata]:
         """Send a batch and wait for every ack; the results are in input order.
 
@@ -127,9 +163,18 @@ class EventProducer:
         and consumers drop repeats by event id."""
         encoded = [(spec.name, encode_key(key), encode_value(spec, value)) for spec, key, value in messages]
         producer = self._started
-        acks = [await producer.send(topic, value, key=key) for topic, key, value in encoded]
-        return list(await asyncio.gather(*acks))
+        try:
+            acks = [await producer.send(topic, value, key=key) for topic, key, value in encoded]
+            return list(await asyncio.gather(*acks))
+        except KafkaError:
+            await self._replace_if_dead(producer)
+            raise
 
     async def send_raw(self, topic: str, key: bytes | None, value: bytes | None) -> RecordMetadata:
         """Bytes as given, for upstream-simulating tests and verbatim forwarding."""
-        return await self._started.send_and_wait(topic, value, key=key)
+        producer = self._started
+        try:
+            return await producer.send_and_wait(topic, value, key=key)
+        except KafkaError:
+            await self._replace_if_dead(producer)
+            raise

@@ -5,6 +5,7 @@ consumer group (names carry a random run id) and deletes its topics afterwards."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -17,6 +18,10 @@ from collections import Counter
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (KafkaConnectionError, KafkaTimeoutError, MessageSizeTooLargeError, NodeNotReadyError,
+                             OutOfOrderSequenceNumber, TopicAuthorizationFailedError)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from aiokafka.structs import TopicPartition
 from pydantic import BaseModel
 
@@ -26,7 +31,7 @@ from schemas.topics import JOBS_PENDING, JOBS_REQUESTED
 from smi.kafka.app import attach_producer, create_app
 from smi.kafka.dead_letter import build_dead_letter, kept_value
 from smi.errors import TransientError
-from smi.kafka.handling import RetryPolicy, SourceMessage, add_stage_agent, run_with_retries
+from smi.kafka.handling import RetryPolicy, SourceMessage, add_stage_agent, is_outage, run_with_retries
 from smi.kafka.producer import EventProducer, encode_value
 from smi.settings import Settings
 
@@ -88,6 +93,27 @@ async def test_transient_errors_give_up_after_the_retries():
     assert handler.calls == 3
     assert len(sleep.delays) == 2
     assert reason == "gave up after 3 attempts: TransientError: upscaler answered 503"
+
+
+async def test_an_outage_of_kafka_or_redis_is_waited_out_however_long_it_lasts():
+    """A valid message must not become a dead letter because the broker or Redis
+    was away for longer than the retry budget (5 retries, some 15 s)."""
+    outage = [KafkaTimeoutError(), RedisConnectionError("Connection refused"), NodeNotReadyError(),
+              OutOfOrderSequenceNumber()] * 10
+    handler, sleep = ScriptedHandler(*outage, TransientError("503")), FakeSleep()
+    policy = RetryPolicy(retries=2, backoff=0.5, max_backoff=30.0)
+    reason = await run_with_retries("test", a_message(), handler, policy, sleep=sleep, jitter=lambda: 1.0)
+    assert reason is None
+    assert handler.calls == 42  # 40 outage errors, then one transient error, then success
+    assert max(sleep.delays) == 30.0  # capped, not growing without end
+
+
+async def test_a_kafka_error_no_retry_fixes_is_no_outage():
+    handler, sleep = ScriptedHandler(MessageSizeTooLargeError(), TopicAuthorizationFailedError()), FakeSleep()
+    reason = await run_with_retries("test", a_message(), handler, RetryPolicy(), sleep=sleep)
+    assert reason.startswith("MessageSizeTooLargeError") and sleep.delays == []
+    assert not is_outage(TopicAuthorizationFailedError()) and not is_outage(TransientError("503"))
+    assert is_outage(KafkaConnectionError()) and is_outage(RedisTimeoutError())
 
 
 async def test_an_invalid_message_fails_at_once_with_its_reason():
@@ -218,6 +244,35 @@ async def wait_for(condition, what: str, *, within: float = 30.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {within} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(60)
+async def test_a_producer_that_aiokafka_gave_up_on_is_replaced(new_topics):
+    """After a broker restart cuts off an in-flight batch, aiokafka's idempotent
+    sender can die of OutOfOrderSequenceNumber, and every later send then fails
+    with it (the chaos run saw exactly this). Here its sender is made to die the
+    same way; the failed send is reported, the next one goes through."""
+    topic = unique("replaced")
+    await new_topics(topic)
+    async with EventProducer(BOOTSTRAP, client_id=f"test-plumbing-{RUN}") as producer:
+        await producer.send_raw(topic, b"k", b"before")
+        inner = producer._producer
+        sender = inner._sender
+        sender.sender_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender.sender_task  # its routine swallows the cancellation
+
+        async def died() -> None:
+            raise OutOfOrderSequenceNumber()
+        sender._sender_task = asyncio.ensure_future(died())
+        await asyncio.sleep(0)
+        inner._message_accumulator.fail_all(OutOfOrderSequenceNumber())  # what aiokafka's _fail_all does
+
+        with pytest.raises(OutOfOrderSequenceNumber):
+            await producer.send_raw(topic, b"k", b"lost")  # the caller retries this one
+        assert producer.replaced == 1 and producer._producer is not inner
+        await producer.send_raw(topic, b"k", b"after")
+    assert [r.value for r in await read_records(topic, 2)] == [b"before", b"after"]
 
 
 @pytest.mark.timeout(60)

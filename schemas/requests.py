@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictInt, ValidationError, ValidationInfo, field_validator
 
@@ -121,6 +121,22 @@ def decode_json_object(raw: bytes | str, *, max_bytes: int) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidMessage(f"expected a JSON object, got {type(value).__name__}")
     return value
+
+
+M = TypeVar("M", bound=BaseModel)
+
+# The largest event a stage takes from a topic (Stripe's bodies included).
+MAX_EVENT_BYTES = 1024 * 1024
+
+
+def parse_message(model: type[M], raw: bytes | str | None, *, what: str | None = None,
+                  max_bytes: int = MAX_EVENT_BYTES) -> M:
+    """A stage's input message as ``model``, or InvalidMessage with the reason (a
+    dead letter's): decode_json_object's, or which fields are wrong, never their values."""
+    try:
+        return model.model_validate(decode_json_object(raw, max_bytes=max_bytes))
+    except ValidationError as exc:
+        raise InvalidMessage(f"not a {what or model.__name__}: {describe_validation_error(exc)}") from None
 
 
 MAX_REQUEST_BYTES = 64 * 1024

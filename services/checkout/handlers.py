@@ -20,12 +20,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Callable
 
-from pydantic import ValidationError
-
 from schemas.events import JobEvent, utcnow
 from schemas.job import Job
 from schemas.money import quote
-from schemas.requests import InvalidMessage, RequestPolicy, decode_json_object, describe_validation_error, parse_job_request
+from schemas.requests import InvalidMessage, RequestPolicy, parse_job_request, parse_message
 from schemas.status import Deadline, JobStatus, Stage
 from schemas.stripe_events import HANDLED_TYPES, StripeEvent
 from schemas.topics import JOBS_AWAITING_PAYMENT, JOBS_PENDING, PAYMENTS_REFUNDS
@@ -40,7 +38,6 @@ log = logging.getLogger(__name__)
 
 PAID_EVENTS = frozenset({"checkout.session.completed", "checkout.session.async_payment_succeeded"})
 PAYMENT_FAILED_EVENTS = frozenset({"checkout.session.async_payment_failed", "payment_intent.payment_failed"})
-MAX_STRIPE_EVENT_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -118,11 +115,7 @@ class Checkout:
 
     async def on_payment_event(self, raw: bytes) -> str:
         """Returns what was done, for logs and tests."""
-        data = decode_json_object(raw, max_bytes=MAX_STRIPE_EVENT_BYTES)
-        try:
-            event = StripeEvent.model_validate(data)
-        except ValidationError as exc:
-            raise InvalidMessage(f"not a Stripe event: {describe_validation_error(exc)}") from None
+        event = parse_message(StripeEvent, raw, what="Stripe event")
         if event.type not in HANDLED_TYPES or event.type == "checkout.session.expired":
             self.counters.ignored_type += 1  # expiry belongs to the janitor
             return "ignored: type"
@@ -180,11 +173,7 @@ class Checkout:
     # -- jobs.failed --------------------------------------------------------------
 
     async def on_job_failed(self, raw: bytes) -> str:
-        data = decode_json_object(raw, max_bytes=MAX_STRIPE_EVENT_BYTES)
-        try:
-            failed = JobEvent.model_validate(data)
-        except ValidationError as exc:
-            raise InvalidMessage(f"not a JobEvent: {describe_validation_error(exc)}") from None
+        failed = parse_message(JobEvent, raw)
         try:
             job = await self.table.get(failed.job_id)
         except JobNotFound:

@@ -47,11 +47,9 @@ from itertools import takewhile
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from pydantic import BaseModel, ValidationError
-
 from schemas.events import JobEvent, make_event_id, rfc3339, utcnow
 from schemas.job import Job, to_ms
-from schemas.requests import InvalidMessage, decode_json_object, describe_validation_error
+from schemas.requests import InvalidMessage, parse_message
 from schemas.status import Deadline, JobStatus, Stage
 from schemas.stripe_events import StripeEvent
 from schemas.topics import JOBS_ABANDONED, JOBS_EXPIRING, TopicSpec
@@ -63,7 +61,6 @@ from smi.payments import Payments
 
 log = logging.getLogger(__name__)
 
-MAX_EVENT_BYTES = 1024 * 1024
 SESSION_EXPIRED = "checkout.session.expired"
 
 
@@ -273,7 +270,7 @@ class Janitor:
     # -- payments.events ----------------------------------------------------------
 
     async def on_payment_event(self, raw: bytes | None) -> str:
-        event = _parse(StripeEvent, raw)
+        event = parse_message(StripeEvent, raw)
         if event.type != SESSION_EXPIRED:
             return "ignored: type"  # payments are checkout's
         if not event.is_ours:
@@ -288,7 +285,7 @@ class Janitor:
     # -- jobs.failed --------------------------------------------------------------
 
     async def on_job_failed(self, raw: bytes | None) -> str:
-        event = _parse(JobEvent, raw)
+        event = parse_message(JobEvent, raw)
         job = await self._job(event.job_id, "jobs.failed")
         if job.status is not JobStatus.FAILED:
             return f"ignored: job is {job.status}"  # retried since; the next failure arms it again
@@ -321,9 +318,3 @@ def delete_job_files(storage_dir: Path, job: Job) -> None:
     if job_dir.parent == root:
         shutil.rmtree(job_dir, ignore_errors=True)
 
-
-def _parse(model: type[BaseModel], raw: bytes | None):
-    try:
-        return model.model_validate(decode_json_object(raw, max_bytes=MAX_EVENT_BYTES))
-    except ValidationError as exc:
-        raise InvalidMessage(f"not a {model.__name__}: {describe_validation_error(exc)}") from None

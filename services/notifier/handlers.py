@@ -24,11 +24,10 @@ from datetime import datetime
 from email.message import EmailMessage
 from typing import Any, Awaitable, Callable, Protocol
 
-from pydantic import ValidationError
 
 from schemas.events import Command, JobEvent, utcnow
 from schemas.job import Job
-from schemas.requests import InvalidMessage, decode_json_object, describe_validation_error
+from schemas.requests import InvalidMessage, parse_message
 from schemas.status import JobStatus
 from services.notifier import emails
 from services.notifier.emails import DownloadLink, Letterhead
@@ -41,7 +40,6 @@ from smi.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MAX_EVENT_BYTES = 1024 * 1024
 
 
 class Sender(Protocol):
@@ -72,7 +70,7 @@ class Notifier:
     # -- jobs.completed -----------------------------------------------------------
 
     async def on_completed(self, raw: bytes) -> str:
-        job = await self._job(_parse(JobEvent, raw).job_id)
+        job = await self._job(parse_message(JobEvent, raw).job_id)
         if job.status is not JobStatus.COMPLETED:
             raise PermanentError(f"job {job.job_id} is {job.status}, not completed: no download to send")
 
@@ -84,7 +82,7 @@ class Notifier:
     # -- payments.refunds ---------------------------------------------------------
 
     async def on_refund(self, raw: bytes) -> str:
-        event = _parse(JobEvent, raw)
+        event = parse_message(JobEvent, raw)
         job = await self._job(event.job_id)
         amount = job.refund_amount_cents if job.refund_amount_cents is not None else event.data.get("amount_cents")
         if type(amount) is not int:
@@ -97,7 +95,7 @@ class Notifier:
     # -- jobs.expiring ------------------------------------------------------------
 
     async def on_expiring(self, raw: bytes) -> str:
-        event = _parse(JobEvent, raw)
+        event = parse_message(JobEvent, raw)
         job = await self._job(event.job_id)
         expires_at = job.download_expires_at
         if (job.status is not JobStatus.COMPLETED or expires_at is None or job.download_expired_at is not None
@@ -119,7 +117,7 @@ class Notifier:
     # -- jobs.commands ------------------------------------------------------------
 
     async def on_command(self, message: SourceMessage) -> str:
-        command = _parse(Command, message.value)
+        command = parse_message(Command, message.value)
         if command.command != "resend_download":
             return "not the notifier's command"  # retry belongs to the processor
         job = await self._job(command.job_id)
@@ -185,9 +183,3 @@ def _warned_expiry(event: JobEvent) -> datetime | None:
     except (TypeError, ValueError):
         raise InvalidMessage(f"jobs.expiring for job {event.job_id}: expires_at is not an RFC 3339 time") from None
 
-
-def _parse(model, raw: bytes | None):
-    try:
-        return model.model_validate(decode_json_object(raw, max_bytes=MAX_EVENT_BYTES))
-    except ValidationError as exc:
-        raise InvalidMessage(f"not a {model.__name__}: {describe_validation_error(exc)}") from None

@@ -23,12 +23,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import ValidationError
 
 from schemas.events import Command, JobEvent, UpscalerEvent, utcnow
 from schemas.job import Job
 from schemas.money import resolution_factor
-from schemas.requests import InvalidMessage, decode_json_object, describe_validation_error
+from schemas.requests import InvalidMessage, parse_message
 from schemas.status import Deadline, JobStatus, Stage
 from schemas.topics import JOBS_COMPLETED, JOBS_FAILED, JOBS_PROCESSING, UPSCALER_EVENTS
 from schemas.urls import HostAllowList, UnsafeURL
@@ -42,7 +41,6 @@ from smi.upscalers import FAILED, FINAL_STATUSES, SUCCESS, LocalUpscaler, Remote
 
 log = logging.getLogger(__name__)
 
-MAX_EVENT_BYTES = 1024 * 1024
 TIMEOUT_REASON = "upsampler_timeout"
 
 
@@ -76,7 +74,7 @@ class Processor:
     # -- jobs.pending ---------------------------------------------------------------
 
     async def on_pending(self, raw: bytes) -> str:
-        event = _parse(JobEvent, raw)
+        event = parse_message(JobEvent, raw)
         return await self.start(await self._job(event.job_id))
 
     async def start(self, job: Job, *, operator_retry: bool = False) -> str:
@@ -170,7 +168,7 @@ class Processor:
     # -- upscaler.events --------------------------------------------------------------
 
     async def on_upscaler_event(self, raw: bytes) -> str:
-        event = _parse(UpscalerEvent, raw)
+        event = parse_message(UpscalerEvent, raw)
         job = await self._job(event.job_id)
         if job.upsampler_job_id != event.id:
             if job.status in (JobStatus.PENDING, JobStatus.FAILED):
@@ -255,7 +253,7 @@ class Processor:
     # -- jobs.commands ----------------------------------------------------------------
 
     async def on_command(self, raw: bytes) -> str:
-        command = _parse(Command, raw)
+        command = parse_message(Command, raw)
         if command.command != "retry":
             return "not the processor's command"
         job = await self._job(command.job_id)
@@ -363,10 +361,4 @@ def _credits_used(job: Job, event: UpscalerEvent) -> int | None:
         return job.credits
     return math.ceil(cost)
 
-
-def _parse(model, raw: bytes):
-    try:
-        return model.model_validate(decode_json_object(raw, max_bytes=MAX_EVENT_BYTES))
-    except ValidationError as exc:
-        raise InvalidMessage(f"not a {model.__name__}: {describe_validation_error(exc)}") from None
 

@@ -223,11 +223,11 @@ class Processor:
         fetched.path.replace(final)
         return final
 
-    async def _fail(self, job: Job, reason: str, *, keep_deadlines: tuple[Deadline, ...] = ()) -> str:
+    async def _fail(self, job: Job, reason: str, *, deadlines: dict[Deadline, datetime] | None = None) -> str:
         now = self.clock()
         failed = _failed_event(job, reason, now)
         result = await self.table.transition(job.job_id, JobStatus.FAILED, actor=Stage.PROCESSOR,
-                                             event_id=failed.event_id, keep_deadlines=keep_deadlines,
+                                             event_id=failed.event_id, deadlines=deadlines,
                                              fields={"failure_reason": reason, "failed_at": now})
         if result.outcome == "rejected":
             return f"not failed: job is {result.previous}"
@@ -307,9 +307,10 @@ class Processor:
             return
         now = self.clock()
         if job.processing_started_at and now - job.processing_started_at >= self.config.timeout:
-            # No message comes back to a timer's step: its item stays in the poll set
-            # (out of reach for the lease) until the failure is published.
-            await self._fail(job, TIMEOUT_REASON, keep_deadlines=(Deadline.POLL,))
+            # No message comes back to a timer's step: the transition (which clears
+            # the poll set, then sets) puts its item back under the claim's lease until
+            # the failure is published, as the janitor does for abandoned jobs.
+            await self._fail(job, TIMEOUT_REASON, deadlines={Deadline.POLL: claimed_until})
             await self.table.clear_deadline(job.job_id, Deadline.POLL, if_due_at=claimed_until)
             return
         if self.local is not None:

@@ -116,24 +116,18 @@ class JobTable:
     async def transition(self, job_id: str, target: JobStatus, *, actor: Stage, event_id: str,
                          fields: Mapping[str, Any] | None = None, clear: Iterable[str] = (),
                          deadlines: Mapping[Deadline, datetime] | None = None,
-                         keep_deadlines: Iterable[Deadline] = (),
                          now: datetime | None = None) -> TransitionResult:
         """Compare-and-set the status by the transition table, atomically with the
         fields, indexes, deadlines, history and event id. A stage that does not own
         ``target`` is a programming error (raises); a pair the table lacks for the
-        job's current status is rejected, logged, and changes nothing.
-
-        Leaving a status drops the job from that status's deadline sets, except
-        ``keep_deadlines``: a timer that makes the transition keeps its item (and so
-        comes back to it if it dies before publishing) until it clears it."""
+        job's current status is rejected, logged, and changes nothing."""
         sources = sources_of(target, actor)
         if not sources:
             raise TransitionNotAllowed(f"{actor} does not own transitions to {target}")
         fields = dict(fields or {})
         self._check_fields(fields, clear)
         # Leaving a status leaves the deadline sets tied to it (abandon -> awaiting_payment).
-        kept = set(keep_deadlines)
-        clear_deadlines = [d.value for d in Deadline if DEADLINE_STATUS[d] != target and d not in kept]
+        clear_deadlines = [d.value for d in Deadline if DEADLINE_STATUS[d] != target]
         outcome, previous = await self._scripts["transition"](
             keys=[self.keys.job(job_id)],
             args=[self.keys.tag_of(job_id), job_id, target.value, _json(sorted(s.value for s in sources)),

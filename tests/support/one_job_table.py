@@ -21,7 +21,7 @@ class OneJobTable:
         return self.job
 
     async def transition(self, job_id, target, *, actor, event_id, fields=None, clear=(), deadlines=None,
-                         keep_deadlines=(), now=None) -> TransitionResult:
+                         now=None) -> TransitionResult:
         previous = self.job.status
         self.writes.append(("transition", target, dict(fields or {})))
         self.job = self.job.model_copy(update={"status": target, **(fields or {})})

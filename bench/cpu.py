@@ -33,8 +33,8 @@ OUR_CODE = ("(services/", "(smi/", "(schemas/", "/services/", "/smi/", "/schemas
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU of a process and its reaped children (a process pool's
-    workers are children, counted while they run via their own entries)."""
+    """User + system CPU seconds of one process, None once it is gone (its live
+    children, e.g. a process pool's workers, are added by ``_tree_cpu``)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:

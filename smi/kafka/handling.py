@@ -132,7 +132,8 @@ async def run_with_retries(stage: str, message: SourceMessage, handler: Handler,
                            jitter: Callable[[], float] = random.random) -> str | None:
     """Run ``handler`` on ``message``: None if it succeeded, else why to dead-letter it.
 
-    Invalid messages fail at once (retrying cannot fix them), transient errors are
+    Invalid messages fail at once (retrying cannot fix them), an outage of our own
+    Kafka or Redis is waited out however long it lasts, other transient errors are
     retried ``policy.retries`` times with backoff, anything else fails at once and
     is logged with its traceback (a bug or an unforeseen case, worth a look)."""
     attempt = outages = 0

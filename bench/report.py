@@ -156,8 +156,8 @@ def baselines_table(baselines: Mapping[str, Mapping[str, Any]]) -> Table:
 
 def redis_table(redis: Mapping[str, Any]) -> Table:
     live = redis.get("live_job_keys_bytes")
-    caption = (f"a completed job of the pipeline run: {live['total']:,} bytes in its own keys (hash {live['hash']:,}, "
-               f"history {live['history']:,}, done set {live['done']:,}), indexes not counted" if live else None)
+    caption = (f"a completed job of the pipeline run: {live['total']:,} bytes in its own hash (history and done "
+               f"markers included), indexes not counted" if live else None)
     table = Table(title="Job table in Redis (scratch tables of completed jobs)", caption=caption)
     for column in ("jobs in table", "bytes/job", "job keys", "index", "INFO Δ/job", "transitions /s", "build s"):
         table.add_column(column, justify="right")

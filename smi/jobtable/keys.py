@@ -2,9 +2,9 @@
 job's keys and its shard's indexes share the tag, so each script touches one
 Redis Cluster slot (design.md, "Durability ... Scale").
 
-    job:{s3}:<job_id>            hash: the job record
-    job:{s3}:<job_id>:h          list: transition history (JSON entries)
-    job:{s3}:<job_id>:d          set: side effects done ("email:ready", ...)
+    job:{s3}:<job_id>            hash: the job record, with its history (field
+                                 "history") and the side effects done (fields
+                                 "done:<step>", e.g. "done:email:ready")
     req:{s3}                     hash: request_id -> job_id
     st:{s3}:<status>:c | :u      sorted sets (lexicographic): jobs by created/updated
     by:{s3}:<cs|pi|up|cb|tok>    hash: lookup value -> job_id
@@ -51,12 +51,6 @@ class KeySpace:
 
     def job(self, job_id: str) -> str:
         return f"job:{self.tag_of(job_id)}:{job_id}"
-
-    def history(self, job_id: str) -> str:
-        return self.job(job_id) + ":h"
-
-    def done(self, job_id: str) -> str:
-        return self.job(job_id) + ":d"
 
     def status_index(self, shard: int, status: JobStatus, order: str) -> str:
         return f"st:{self.tag(shard)}:{status.value}:{order}"

@@ -7,7 +7,7 @@ from functools import cache
 from pathlib import Path
 
 LUA_DIR = Path(__file__).parent / "lua"
-NAMES = ("create", "transition", "update", "issue_token", "claim_due", "clear_deadline_if")
+NAMES = ("create", "transition", "update", "issue_token", "claim_due", "clear_deadline_if", "mark_done")
 
 
 @cache

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Literal, Mapping
 
 from schemas.events import utcnow
-from schemas.job import MANAGED_FIELDS, Job, encode_fields, from_ms, to_ms
+from schemas.job import MANAGED_FIELDS, Job, encode_fields, encode_value, from_ms, to_ms
 from schemas.status import DEADLINE_STATUS, Deadline, JobStatus, Stage, TransitionNotAllowed, sources_of
 
 from smi import metrics
@@ -121,6 +121,9 @@ class JobTable:
         fields, indexes, deadlines, history and event id. A stage that does not own
         ``target`` is a programming error (raises); a pair the table lacks for the
         job's current status is rejected, logged, and changes nothing."""
+        if not event_id or any(c.isspace() for c in event_id):
+            # The history stores it space-separated and finds repeats by " <id>\n".
+            raise ValueError(f"an event id is non-empty and holds no whitespace: {event_id!r}")
         sources = sources_of(target, actor)
         if not sources:
             raise TransitionNotAllowed(f"{actor} does not own transitions to {target}")
@@ -145,17 +148,25 @@ class JobTable:
 
     async def update(self, job_id: str, fields: Mapping[str, Any], *, clear: Iterable[str] = (),
                      expect_status: Iterable[JobStatus] = (), deadlines: Mapping[Deadline, datetime] | None = None,
-                     clear_deadlines: Iterable[Deadline] = (), now: datetime | None = None) -> bool:
+                     clear_deadlines: Iterable[Deadline] = (), expect_fields: Mapping[str, Any] | None = None,
+                     now: datetime | None = None) -> bool:
         """Set whitelisted fields (never status, timestamps of the table, or tokens).
-        With ``expect_status``, only while the job is in one of those statuses:
-        returns False (nothing written) otherwise."""
+        With ``expect_status``, only while the job is in one of those statuses; with
+        ``expect_fields``, only while each named field holds that value (None: only
+        while the field is absent), compared as stored strings, so a moment matches
+        to the millisecond. Returns False (nothing written) when a condition fails."""
         self._check_fields(fields, clear)
+        expected = {name: None if value is None else encode_value(name, value)
+                    for name, value in (expect_fields or {}).items()}
+        unknown = set(expected) - _JOB_FIELDS  # comparing a managed field is fine: it is only read
+        if unknown:
+            raise ValueError(f"unknown job fields: {', '.join(sorted(unknown))}")
         outcome, _ = await self._scripts["update"](
             keys=[self.keys.job(job_id)],
             args=[self.keys.tag_of(job_id), job_id, to_ms(now or self.clock()), _json(encode_fields(fields)),
                   _json(list(clear)), _json([s.value for s in expect_status]),
                   _json({d.value: to_ms(t) for d, t in (deadlines or {}).items()}),
-                  _json([d.value for d in clear_deadlines])],
+                  _json([d.value for d in clear_deadlines]), _json(expected)],
         )
         if _s(outcome) == "missing":
             raise JobNotFound(job_id)
@@ -228,11 +239,15 @@ class JobTable:
         """Record that a side effect of ``step`` happened (an email sent, an event
         published once). True if this call recorded it, False if it was already.
         Check ``is_done`` before the side effect and mark after it: a crash in
-        between repeats the effect (at-least-once) rather than lose it."""
-        return bool(await self.redis.sadd(self.keys.done(job_id), step))
+        between repeats the effect (at-least-once) rather than lose it. A job that
+        does not exist records nothing (False)."""
+        if any(c.isspace() for c in step):
+            raise ValueError(f"a step name holds no whitespace: {step!r}")
+        return int(await self._scripts["mark_done"](keys=[self.keys.job(job_id)],
+                                                    args=[self.keys.tag_of(job_id), job_id, step])) == 1
 
     async def is_done(self, job_id: str, step: str) -> bool:
-        return bool(await self.redis.sismember(self.keys.done(job_id), step))
+        return bool(await self.redis.hexists(self.keys.job(job_id), f"done:{step}"))
 
     # -- reads -------------------------------------------------------------------
 
@@ -250,11 +265,15 @@ class JobTable:
         return [Job.from_redis(raw) for raw in await pipe.execute() if raw]
 
     async def history(self, job_id: str) -> list[HistoryEntry]:
+        """The job's status changes, oldest first ([] for an unknown job). Stored as
+        lines "<ms> <from> <to> <by> <event id>" in the hash (lua/prelude.lua)."""
+        raw = await self.redis.hget(self.keys.job(job_id), "history")
         entries = []
-        for raw in await self.redis.lrange(self.keys.history(job_id), 0, -1):
-            item = json.loads(raw)
-            entries.append(HistoryEntry(at=from_ms(item["at"]), source=JobStatus(item["from"]) if item["from"] else None,
-                                        target=JobStatus(item["to"]), actor=item["by"], event_id=item["e"] or None))
+        for line in _s(raw or b"").splitlines():
+            at, source, target, actor, event_id = line.split(" ")
+            entries.append(HistoryEntry(at=from_ms(at), source=None if source == "-" else JobStatus(source),
+                                        target=JobStatus(target), actor=actor,
+                                        event_id=None if event_id == "-" else event_id))
         return entries
 
     async def find_by(self, kind: str, value: str) -> Job | None:
@@ -280,9 +299,11 @@ class JobTable:
         job = await self.find_by("download_token", digest)
         if job is None:
             return None
-        live = (await self.redis.hget(self.keys.job(job.job_id), "download_token_hashes")) or b""
+        newest, older = await self.redis.hmget(self.keys.job(job.job_id), "download_token_hash",
+                                               "download_token_hashes")
+        live = [newest or b"", *(older or b"").split()]
         # Constant-time comparison against each live hash of the job.
-        if any(hmac.compare_digest(digest.encode(), h) for h in live.split()):
+        if any(hmac.compare_digest(digest.encode(), h) for h in live if h):
             return job
         return None
 

@@ -132,8 +132,7 @@ class RecordingPayments:
 
 async def drop_namespace(table: JobTable, job_ids: list[str]) -> None:
     """Remove every key the test made (they are all derivable: no SCAN of the server)."""
-    keys = [k for job_id in job_ids for k in (table.keys.job(job_id), table.keys.history(job_id),
-                                              table.keys.done(job_id))]
+    keys = [table.keys.job(job_id) for job_id in job_ids]
     for shard in range(SHARDS):
         keys += [table.keys.status_index(shard, st, order) for st in S for order in ("c", "u")]
         keys += [table.keys.deadline(shard, kind) for kind in Deadline]

@@ -13,6 +13,7 @@ from schemas.events import rfc3339
 from schemas.status import TRANSITIONS, Deadline, JobStatus as S, Stage, TransitionNotAllowed, find_transition, owner_of
 from services.janitor.handlers import Janitor, JanitorConfig
 from smi.jobtable import JobNotFound, JobTable
+from smi.jobtable.table import hash_token
 from tests.support.jobs import job_fields, make_job
 
 ALLOWED = [(t.source, t.target) for t in TRANSITIONS]
@@ -23,7 +24,7 @@ async def snapshot(table: JobTable, job_id: str) -> dict:
     """Everything Redis holds about one job and its shard's indexes, byte for byte."""
     r, keys = table.redis, table.keys
     shard = int(keys.tag_of(job_id).split("{s")[1].rstrip("}"))
-    state = {"job": await r.hgetall(keys.job(job_id)), "history": await r.lrange(keys.history(job_id), 0, -1)}
+    state = {"job": await r.hgetall(keys.job(job_id))}  # the history is a field of the hash
     for st in S:
         for order in "cu":
             state[f"{st}:{order}"] = await r.zrange(keys.status_index(shard, st, order), 0, -1)
@@ -208,7 +209,11 @@ async def test_second_token_keeps_the_first_and_revoking_replaces_all(table):
     second, same = await table.issue_download_token(job.job_id, ttl_hours=24, expires_at=expiry)
     assert same == expiry
     assert (await table.find_by_token(first)) is not None and (await table.find_by_token(second)) is not None
+    # The newest hash is stored once; only older live ones go in the second field.
+    newest, older = await table.redis.hmget(table.keys.job(job.job_id), "download_token_hash", "download_token_hashes")
+    assert newest.decode() == hash_token(second) and older.decode().split() == [hash_token(first)]
     third, later = await table.issue_download_token(job.job_id, ttl_hours=48, revoke_others=True)
+    assert await table.redis.hexists(table.keys.job(job.job_id), "download_token_hashes") == 0
     assert later > expiry
     assert await table.find_by_token(first) is None and await table.find_by_token(second) is None
     assert (await table.find_by_token(third)).download_expires_at == later
@@ -234,6 +239,33 @@ async def test_done_markers_record_each_step_once_per_job(table):
     assert await table.is_done(job.job_id, "email:ready")
     assert not await table.is_done(job.job_id, "email:refund")
     assert not await table.is_done(other.job_id, "email:ready")
+
+
+async def test_a_done_marker_for_an_unknown_job_records_nothing(table):
+    missing = "00000000-0000-4000-8000-000000000000"
+    assert await table.mark_done(missing, "email:ready") is False
+    # No lone field that would make a half record the next get() trips over.
+    assert await table.redis.exists(table.keys.job(missing)) == 0
+    with pytest.raises(ValueError):
+        await table.mark_done(missing, "email ready")
+
+
+async def test_history_and_done_markers_live_in_the_job_hash_only(table):
+    """One key per job: the history and the markers are fields of its hash."""
+    job = await make_job(table, S.COMPLETED)
+    await table.mark_done(job.job_id, "email:ready")
+    await table.issue_download_token(job.job_id, ttl_hours=24)
+    job_keys = [k async for k in table.redis.scan_iter(match=f"*{job.job_id}*")]
+    assert job_keys == [table.keys.job(job.job_id).encode()]
+    assert [h.target for h in await table.history(job.job_id)][-1] is S.COMPLETED
+
+
+async def test_an_event_id_the_history_could_not_hold_is_refused(table):
+    job = await make_job(table, S.AWAITING_PAYMENT)
+    for bad in ("", "a b", "id\n"):
+        with pytest.raises(ValueError):
+            await table.transition(job.job_id, S.PENDING, actor=Stage.CHECKOUT, event_id=bad)
+    assert (await table.get(job.job_id)).status is S.AWAITING_PAYMENT
 
 
 async def test_a_second_link_never_shortens_a_pushed_out_expiry(table):

@@ -18,5 +18,5 @@ if request_id ~= '' then
 end
 redis.call('ZADD', status_index('new', 'c'), 0, member(now, id))
 touch(key, id, 'new', now)
-redis.call('RPUSH', key .. ':h', cjson.encode({at = now, from = '', to = 'new', by = actor, e = ''}))
+append_history(key, now, '', 'new', actor, '')
 return {1, id}

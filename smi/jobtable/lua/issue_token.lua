@@ -15,15 +15,23 @@ if ARGV[8] == '1' then
   if current and tonumber(current) > tonumber(expires) then expires, warn = current, '' end
 end
 
-local live = {}
-local current = redis.call('HGET', key, 'download_token_hashes') or ''
-for old in string.gmatch(current, '%S+') do
-  if revoke == '1' then redis.call('HDEL', tokens, old) else live[#live + 1] = old end
+-- The newest token's hash is download_token_hash; the older ones still live are
+-- in download_token_hashes (absent when there are none: the usual single link
+-- costs one copy of its hash, not two).
+local older = {}
+local previous = redis.call('HGET', key, 'download_token_hash')
+local kept = redis.call('HGET', key, 'download_token_hashes') or ''
+if previous then kept = kept .. ' ' .. previous end
+for old in string.gmatch(kept, '%S+') do
+  if revoke == '1' then redis.call('HDEL', tokens, old) else older[#older + 1] = old end
 end
-live[#live + 1] = hash
 redis.call('HSET', tokens, hash, id)
-redis.call('HSET', key, 'download_token_hash', hash, 'download_token_hashes', table.concat(live, ' '),
-  'download_expires_at', expires)
+redis.call('HSET', key, 'download_token_hash', hash, 'download_expires_at', expires)
+if #older > 0 then
+  redis.call('HSET', key, 'download_token_hashes', table.concat(older, ' '))
+else
+  redis.call('HDEL', key, 'download_token_hashes')
+end
 redis.call('HDEL', key, 'download_expired_at')
 touch(key, id, status, now)
 redis.call('ZADD', deadline_set('expire'), expires, id)

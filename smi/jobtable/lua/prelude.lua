@@ -68,3 +68,14 @@ local function apply_deadlines(id, set, clear)
   for _, kind in ipairs(clear) do redis.call('ZREM', deadline_set(kind), id) end
   for kind, due in pairs(set) do redis.call('ZADD', deadline_set(kind), due, id) end
 end
+
+-- The history is one field of the job hash, 'history': a line per status change,
+-- "<ms> <from> <to> <by> <event id>\n" ('-' for no source or no event id). A field
+-- costs a few bytes of overhead where a list key per job cost about 300 (key,
+-- quicklist, JSON); event ids never hold whitespace (JobTable.transition checks).
+local function append_history(key, now, from, to, by, event_id)
+  local old = redis.call('HGET', key, 'history') or ''
+  if from == '' then from = '-' end
+  if event_id == '' then event_id = '-' end
+  redis.call('HSET', key, 'history', old .. now .. ' ' .. from .. ' ' .. to .. ' ' .. by .. ' ' .. event_id .. '\n')
+end

@@ -4,6 +4,7 @@ job from which status to which (design.md, "Statuses and transitions")."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from enum import StrEnum
 
 
@@ -60,6 +61,7 @@ def find_transition(source: JobStatus, target: JobStatus) -> Transition | None:
     return _BY_PAIR.get((source, target))
 
 
+@cache  # asked on every transition; the table never changes
 def sources_of(target: JobStatus, owner: Stage) -> frozenset[JobStatus]:
     """The statuses from which ``owner`` may move a job to ``target``."""
     return frozenset(t.source for t in TRANSITIONS if t.target == target and t.owner == owner)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Callable
 
-from schemas.events import JobEvent, utcnow
-from schemas.job import Job
+from schemas.events import JobEvent, make_event_id, utcnow
+from schemas.job import Job, from_ms, to_ms
 from schemas.money import quote
 from schemas.requests import InvalidMessage, RequestPolicy, parse_job_request, parse_message
 from schemas.status import Deadline, JobStatus, Stage
@@ -96,13 +96,18 @@ class Checkout:
 
     async def _open_checkout(self, job: Job) -> Job:
         session = await self.payments.create_checkout_session(job)
-        event = self._awaiting_payment_event(job, job.request_id)
+        now = self.clock()
+        fields = {"stripe_checkout_session_id": session.id, "checkout_url": session.url, "payment_status": "unpaid"}
         result = await self.table.transition(
-            job.job_id, JobStatus.AWAITING_PAYMENT, actor=Stage.CHECKOUT, event_id=event.event_id,
-            fields={"stripe_checkout_session_id": session.id, "checkout_url": session.url, "payment_status": "unpaid"},
-            deadlines={Deadline.ABANDON: session.expires_at})
+            job.job_id, JobStatus.AWAITING_PAYMENT, actor=Stage.CHECKOUT,
+            event_id=make_event_id(job.job_id, "awaiting_payment"), fields=fields,
+            deadlines={Deadline.ABANDON: session.expires_at}, now=now)
         log.info("job %s: checkout session opened (%s)", job.job_id, result.outcome)
-        return await self.table.get(job.job_id)
+        if result.outcome != "applied":
+            return await self.table.get(job.job_id)  # another delivery moved it: read what it is
+        # Applied: the job is what was just written, no second read on the hot path.
+        return job.model_copy(update={**fields, "status": JobStatus.AWAITING_PAYMENT,
+                                      "updated_at": from_ms(to_ms(now))})  # as stored: milliseconds
 
     @staticmethod
     def _awaiting_payment_event(job: Job, request_id: str | None) -> JobEvent:

@@ -64,11 +64,19 @@ class KeySpace:
     def new_job_id(self, request_id: str | None = None) -> str:
         """A fresh UUIDv4. With a request id, one that lands in the request id's shard,
         so "is this request known? else create the job" is ONE atomic script in one
-        slot. Rejection sampling costs ~`shards` uuid4 calls: microseconds."""
+        slot. One uuid4, then its last three hex digits are tried in turn until the
+        crc32 (extended from the rest's, so a try costs a 3-byte crc) matches: about
+        `shards` tries, where a uuid4 per try cost more than the rest of the
+        request. 110 random bits remain."""
+        job_id = str(uuid.uuid4())
         if request_id is None:
-            return str(uuid.uuid4())
+            return job_id
         want = shard_of(request_id, self.shards)
-        while True:
-            candidate = str(uuid.uuid4())
-            if shard_of(candidate, self.shards) == want:
-                return candidate
+        stem = job_id[:-3]
+        stem_crc = zlib.crc32(stem.encode("ascii"))
+        start = int(job_id[-3:], 16)
+        for step in range(4096):
+            suffix = b"%03x" % ((start + step) % 4096)
+            if zlib.crc32(suffix, stem_crc) % self.shards == want:
+                return stem + suffix.decode("ascii")
+        return self.new_job_id(request_id)  # no suffix of this stem fits: another stem

@@ -106,12 +106,14 @@ class JobTable:
         self._check_fields(fields)
         job_id = self.keys.new_job_id(request_id)
         moment = now or self.clock()
-        created, existing_id = await self._scripts["create"](
+        created, existing_id, flat = await self._scripts["create"](
             keys=[self.keys.job(job_id)],
             args=[self.keys.tag_of(job_id), job_id, request_id or "", to_ms(moment), actor.value,
                   _json(encode_fields(fields))],
         )
-        return await self.get(_s(existing_id)), bool(int(created))
+        if not flat:  # the request's job was deleted by hand, its request index entry kept
+            raise JobNotFound(_s(existing_id))
+        return Job.from_redis(dict(zip(flat[::2], flat[1::2]))), bool(int(created))
 
     async def transition(self, job_id: str, target: JobStatus, *, actor: Stage, event_id: str,
                          fields: Mapping[str, Any] | None = None, clear: Iterable[str] = (),

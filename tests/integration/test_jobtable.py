@@ -241,6 +241,13 @@ async def test_done_markers_record_each_step_once_per_job(table):
     assert not await table.is_done(other.job_id, "email:ready")
 
 
+async def test_a_repeated_request_whose_job_was_deleted_by_hand_is_not_found(table):
+    job, _ = await table.create(job_fields(), request_id="req-deleted")
+    await table.redis.delete(table.keys.job(job.job_id))
+    with pytest.raises(JobNotFound):
+        await table.create(job_fields(), request_id="req-deleted")
+
+
 async def test_a_done_marker_for_an_unknown_job_records_nothing(table):
     missing = "00000000-0000-4000-8000-000000000000"
     assert await table.mark_done(missing, "email:ready") is False

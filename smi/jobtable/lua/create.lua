@@ -1,14 +1,15 @@
 -- Create a job unless its request id (or job id) already made one.
 -- ARGV: tag, job_id, request_id ('' = none), now_ms, actor, fields (JSON object of strings)
--- Returns {created (1|0), job_id}: the existing job's id when the request was seen.
+-- Returns {created (1|0), job_id, the job hash as HGETALL gives it}: the existing
+-- job when the request was seen (so the caller needs no second round trip).
 local id, request_id, now, actor = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = KEYS[1]
 local requests = 'req:' .. TAG
 if request_id ~= '' then
   local existing = redis.call('HGET', requests, request_id)
-  if existing then return {0, existing} end
+  if existing then return {0, existing, redis.call('HGETALL', 'job:' .. TAG .. ':' .. existing)} end
 end
-if redis.call('EXISTS', key) == 1 then return {0, id} end
+if redis.call('EXISTS', key) == 1 then return {0, id, redis.call('HGETALL', key)} end
 
 apply_fields(key, id, cjson.decode(ARGV[6]), {})
 redis.call('HSET', key, 'job_id', id, 'status', 'new', 'created_at', now, 'attempts', '0')
@@ -19,4 +20,4 @@ end
 redis.call('ZADD', status_index('new', 'c'), 0, member(now, id))
 touch(key, id, 'new', now)
 append_history(key, now, '', 'new', actor, '')
-return {1, id}
+return {1, id, redis.call('HGETALL', key)}

@@ -27,6 +27,15 @@ def run_stage(stage: str, settings: Settings, *, loglevel: str = "info") -> None
         return
     from faust import Worker
 
+    from smi.kafka.startup import wait_for_kafka
+
+    # A loop of its own, never made current: asyncio.run would leave no current loop
+    # behind, and the Worker below asks for one.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(wait_for_kafka(settings.kafka_bootstrap_servers))
+    finally:
+        loop.close()
     module = importlib.import_module(f"services.{stage}.app")
     app, _ = module.build(settings)
     start_metrics_server(settings.metrics_port_for(stage), host=settings.metrics_host)

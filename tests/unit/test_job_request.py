@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from schemas.requests import (
     MAX_DIMENSION,
@@ -14,6 +15,7 @@ from schemas.requests import (
     JobRequest,
     RequestPolicy,
     parse_job_request,
+    plain_email,
 )
 from schemas.urls import HostAllowList
 
@@ -330,3 +332,45 @@ def test_dict_input_is_validated_the_same_way():
     with pytest.raises(InvalidMessage):
         parse_job_request({**VALID, "post_id": "42"})
     assert parse_job_request(dict(VALID)).post_id == 42
+
+
+# --- the plain-address shortcut (schemas/requests.plain_email) ---------------------
+
+_ADDRESS_CHARS = "abcXYZ019.!#$%&'*+/=?^_`{|}~-@\"(),:;<>[\\] \u00e9\u0431"
+
+
+def _reference(address: str) -> str | None:
+    """What pydantic's EmailStr check gives (email-validator): the normalized address,
+    or None when it refuses."""
+    from pydantic.networks import validate_email
+    from pydantic_core import PydanticCustomError
+
+    try:
+        return validate_email(address)[1]
+    except PydanticCustomError:
+        return None
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(
+    st.emails(),
+    st.text(alphabet=_ADDRESS_CHARS, min_size=1, max_size=40),
+    st.builds(lambda local, labels: f"{local}@{'.'.join(labels)}",
+              st.text(alphabet="aZ9.-_+", min_size=1, max_size=70),
+              st.lists(st.text(alphabet="aZ9-", min_size=1, max_size=66), min_size=1, max_size=4)),
+))
+def test_the_shortcut_takes_only_what_email_validator_takes_and_gives_the_same(address):
+    fast = plain_email(address)
+    if fast is not None:
+        assert _reference(address) == fast
+
+
+@pytest.mark.parametrize("address", ["Customer@EXAMPLE.com", "a.b+tag@mail.example.co.uk", "x_y@sub-domain.example.org"])
+def test_plain_addresses_take_the_shortcut(address):
+    assert plain_email(address) == _reference(address) is not None
+
+
+@pytest.mark.parametrize("address", ["a@b.localhost", "a@x.test", "a@xn--nxasmq6b.com", "Jane <j@example.com>",
+                                     "\u00e9@example.com", '"a b"@example.com', "a..b@example.com", f"{'a' * 65}@example.com"])
+def test_everything_else_goes_to_email_validator(address):
+    assert plain_email(address) is None

@@ -12,9 +12,11 @@ by due time: a pass costs O(due jobs), never a scan of all jobs.
   on ``payments.events`` runs the same step.
 - WARN (the download expires within EXPIRY_WARNING_HOURS): ``jobs.expiring`` once per
   expiry.
-- EXPIRE (the download expired): the job's files deleted, the file path cleared,
-  ``download_expired_at`` recorded; the status stays completed.
-- PURGE (failed for FAILED_RETENTION_DAYS): the job's files deleted.
+- EXPIRE (the download expired): ``download_expired_at`` recorded and the file path
+  cleared (compare-and-set on the expiry read, so a resend that lands meanwhile
+  wins), then the job's files deleted; the status stays completed.
+- PURGE (failed for FAILED_RETENTION_DAYS): the files of the job's failed attempts
+  deleted (not those of a retry started meanwhile).
 - Customer emails older than PII_RETENTION_DAYS erased (when set).
 
 Retention, and why it works this way:
@@ -55,6 +57,7 @@ from schemas.stripe_events import StripeEvent
 from schemas.topics import JOBS_ABANDONED, JOBS_EXPIRING, TopicSpec
 from smi.errors import PermanentError, TransientError
 from smi.faults import crash_point
+from smi.jobfiles import remove_attempts
 from smi.jobtable import JobNotFound, JobTable
 from smi.kafka.producer import Publisher
 from smi.payments import Payments
@@ -168,27 +171,61 @@ class Janitor:
         return True
 
     async def _expire(self, job: Job, now: datetime) -> bool:
-        if job.status is not JobStatus.COMPLETED or job.download_expired_at is not None:
+        """Three steps, each safe to repeat, so a resend (the notifier issues a new
+        token and pushes the expiry out) either wins or is refused, never leaving a
+        live link to a deleted file:
+
+        1. Compare-and-set: record ``download_expired_at`` and clear
+           ``upscaled_file_path``, only while the job is completed, not expired yet,
+           and ``download_expires_at`` still holds the expiry read here. A resend
+           that landed since the read moved the expiry: nothing is written and its
+           new deadline stands (resend wins). From this write on, the gateway
+           answers 410 and the notifier refuses a resend: it needs the file path
+           (resend loses). The path goes in this same write, not after the
+           deletion, because the path is what the notifier checks: kept until
+           later, a resend during the deletion would pass that check, and its new
+           token would clear ``download_expired_at`` again (issue_token.lua).
+           The EXPIRE item stays armed (at its claim's lease end) until step 3.
+        2. Delete the files. Everything the processor writes is under
+           STORAGE_DIR/<job_id> (smi/jobfiles.py), so a re-claim after a crash
+           between 1 and 2 finds the job expired and deletes by the job's
+           directory, without the path.
+        3. Take the item out of the EXPIRE set (only while it still has this
+           claim's lease end)."""
+        if job.status is not JobStatus.COMPLETED:
             await self._release(job, Deadline.EXPIRE, now)
             return False
-        if job.download_expires_at and job.download_expires_at > now:
-            return False  # a resend pushed the expiry out; its new token set the deadline anew
-        # Files first: a crash before the record repeats the step, one after it
-        # would leave the file behind for good.
+        expired_here = job.download_expired_at is None
+        if expired_here:
+            if job.download_expires_at and job.download_expires_at > now:
+                return False  # a resend pushed the expiry out; its new token set the deadline anew
+            recorded = await self.table.update(
+                job.job_id, {"download_expired_at": now}, clear=["upscaled_file_path"],
+                expect_status=[JobStatus.COMPLETED],
+                expect_fields={"download_expires_at": job.download_expires_at, "download_expired_at": None},
+                clear_deadlines=[Deadline.WARN], now=now)
+            if not recorded:
+                # A resend moved the expiry since the read: its token re-armed the
+                # deadline for the new expiry; the files stay.
+                log.info("job %s: download renewed meanwhile; not expired", job.job_id)
+                return False
+            crash_point("janitor.after_expiry_recorded")
+        # Step 2, and the finish of a step 1 whose janitor died before its deletion.
         await asyncio.to_thread(delete_job_files, self.config.storage_dir, job)
-        # download_expired_at makes the gateway answer 410 for every token of the job.
-        await self.table.update(job.job_id, {"download_expired_at": now}, clear=["upscaled_file_path"],
-                                expect_status=[JobStatus.COMPLETED],
-                                clear_deadlines=[Deadline.EXPIRE, Deadline.WARN], now=now)
-        log.info("job %s: download expired, files deleted", job.job_id)
-        return True
+        await self._release(job, Deadline.EXPIRE, now)
+        if expired_here:
+            log.info("job %s: download expired, files deleted", job.job_id)
+        return expired_here
 
     async def _purge(self, job: Job, now: datetime) -> bool:
         # A failed job never had upscaled_file_path set (that comes with completed):
-        # its files are the processor's leftovers in its directory.
+        # its files are what its processing attempts left. Only attempts up to the
+        # one read here are over: an operator retry may have started attempt N+1
+        # since the read, and it writes under its own directory, which stays
+        # (smi/jobfiles.py says why per-attempt directories, not a marker).
         failed = job.status is JobStatus.FAILED
         if failed:
-            await asyncio.to_thread(delete_job_files, self.config.storage_dir, job)
+            await asyncio.to_thread(remove_attempts, self.config.storage_dir, job.job_id, job.attempts)
             log.info("job %s: failed job's files deleted after retention", job.job_id)
         await self._release(job, Deadline.PURGE, now)  # kept if a later failure armed it anew
         return failed
@@ -304,7 +341,9 @@ class Janitor:
 
 def delete_job_files(storage_dir: Path, job: Job) -> None:
     """Delete the job's result file and its directory STORAGE_DIR/<job_id>, where
-    the processor keeps its files. Nothing outside STORAGE_DIR is touched: a path
+    the processor keeps its files, every attempt's: for a completed job only, a
+    status no job leaves, so no attempt can be writing there. Nothing outside
+    STORAGE_DIR is touched: a path
     that resolves elsewhere (a symlink, a bad record) is left alone and logged.
     Blocking: run it in a thread."""
     root = storage_dir.resolve()

@@ -35,6 +35,7 @@ from smi import metrics
 from smi.errors import PermanentError, TransientError
 from smi.faults import crash_point
 from smi.fetch import Resolver, fetch_to_file, system_resolver, vet_url
+from smi.jobfiles import attempt_dir, job_dir
 from smi.jobtable import JobNotFound, JobTable, hash_token
 from smi.kafka.producer import Publisher
 from smi.upscalers import FAILED, FINAL_STATUSES, SUCCESS, LocalUpscaler, RemoteUpscaler
@@ -154,7 +155,8 @@ class Processor:
 
     async def _run_local(self, job: Job) -> str:
         try:
-            path = await self.local.upscale(job.job_id, job.image_url, resolution_factor(job.resolution))
+            path = await self.local.upscale(job.job_id, job.image_url, resolution_factor(job.resolution),
+                                            attempt=job.attempts)
         except (PermanentError, UnsafeURL) as exc:
             metrics.upscaler_request("local", "refused")
             return await self._fail(job, f"local upscale failed: {exc}")
@@ -207,19 +209,21 @@ class Processor:
         return f"completed ({result.outcome})"
 
     async def _store_result(self, job: Job, event: UpscalerEvent) -> Path:
-        job_dir = (self.config.storage_dir / job.job_id).resolve()
         local_result = (event.model_extra or {}).get("resultPath")
         if local_result:
             path = Path(local_result).resolve()
-            if not path.is_relative_to(job_dir) or not path.is_file():
+            if not path.is_relative_to(job_dir(self.config.storage_dir, job.job_id).resolve()) or not path.is_file():
                 raise PermanentError("local result is missing or outside the job's storage directory")
             return path
         if not event.image_url:
             raise PermanentError("SUCCESS without an imageUrl")
-        download = job_dir / f"upscaled-{job.resolution}.download"
+        # In this attempt's own directory (smi/jobfiles.py): the janitor may be
+        # purging an earlier, failed attempt's files right now.
+        directory = attempt_dir(self.config.storage_dir, job.job_id, job.attempts).resolve()
+        download = directory / f"upscaled-{job.resolution}.download"
         fetched = await fetch_to_file(event.image_url, download, max_bytes=self.config.max_result_bytes,
                                       allow=self.config.allow, resolver=self.resolver)
-        final = job_dir / f"upscaled-{job.resolution}.{'jpg' if fetched.kind == 'jpeg' else fetched.kind}"
+        final = directory / f"upscaled-{job.resolution}.{'jpg' if fetched.kind == 'jpeg' else fetched.kind}"
         fetched.path.replace(final)
         return final
 

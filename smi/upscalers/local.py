@@ -27,6 +27,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from schemas.urls import HostAllowList
 from smi.errors import PermanentError, TransientError
 from smi.fetch import fetch_to_file
+from smi.jobfiles import attempt_dir, job_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +54,22 @@ class LocalUpscaler:
         # threads can copy a lock in its held state into the child.
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
 
-    def result_path(self, job_id: str, factor: int) -> Path:
-        return self.storage_dir / job_id / f"upscaled-{factor}x.png"
+    def result_path(self, job_id: str, factor: int, attempt: int | None = None) -> Path:
+        # Under the attempt's own directory (smi/jobfiles.py), so the janitor purging
+        # an earlier, failed attempt never deletes this one's files; without an
+        # attempt (callers outside the pipeline), in the job's directory.
+        directory = job_dir(self.storage_dir, job_id) if attempt is None else attempt_dir(self.storage_dir, job_id,
+                                                                                           attempt)
+        return directory / f"upscaled-{factor}x.png"
 
-    async def upscale(self, job_id: str, image_url: str, factor: int) -> Path:
-        """The path of the upscaled PNG; an existing valid result is returned as is."""
+    async def upscale(self, job_id: str, image_url: str, factor: int, *, attempt: int | None = None) -> Path:
+        """The path of the upscaled PNG; an existing valid result (of the same
+        attempt) is returned as is."""
         if not SAFE_JOB_ID.fullmatch(job_id):
             raise PermanentError("job id is not usable as a directory name")
         if factor < 1:
             raise PermanentError(f"upscale factor {factor} must be at least 1")
-        final = self.result_path(job_id, factor)
+        final = self.result_path(job_id, factor, attempt)
         # The stat spares the common case (no result yet) a round trip to a worker.
         if final.exists() and await self._in_worker(is_complete_result, str(final), factor, self.max_output_pixels):
             log.info("job %s: %s already done", job_id, final.name)

@@ -207,6 +207,38 @@ async def test_one_expiry_warning_per_expiry_then_the_file_is_deleted_and_the_li
     assert len(watcher.matching("jobs.expiring", for_job(job.job_id))) == 1
 
 
+async def test_a_janitor_killed_between_recording_an_expiry_and_deleting_the_files_leaves_them_to_the_next(
+        janitor, gateway, http, table, storage_dir, move_clock):
+    janitor.kill()
+    janitor.start(SMI_CRASH_AT="janitor.after_expiry_recorded")
+    job = await make_job(table, S.COMPLETED)
+    path = storage_dir / job.job_id / "attempt-1" / "upscaled-4x.png"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(PNG)
+    await table.update(job.job_id, {"upscaled_file_path": str(path), "attempts": 1})
+    # Expired an hour ago, at real time: the only due download, so the crash is at this one.
+    token, _ = await table.issue_download_token(job.job_id, ttl_hours=1, now=utcnow() - timedelta(hours=2))
+    assert await asyncio.to_thread(janitor.wait_exit, 90) == 137
+
+    # The expiry is on record before any file goes: the link answers 410 at once
+    # (and the notifier refuses a resend: the file path is gone with it).
+    recorded = await table.get(job.job_id)
+    assert recorded.download_expired_at is not None and recorded.upscaled_file_path is None
+    assert path.exists()
+    async with http.get(f"{gateway.url}/downloads/{token}") as resp:
+        assert resp.status == 410
+
+    janitor.start()
+    move_clock(timedelta(minutes=3))  # past the dead janitor's lease on the item
+    await eventually(lambda: not (storage_dir / job.job_id).exists(), timeout=60)
+
+    async def released():
+        due = await table.due(Deadline.EXPIRE, limit=10_000, now=utcnow() + timedelta(days=2))
+        return job.job_id not in {item.job_id for item in due}
+    await eventually(released)
+    assert (await table.get(job.job_id)).download_expired_at == recorded.download_expired_at
+
+
 async def test_two_janitors_at_once_abandon_each_due_job_once(janitor, janitor_env, checkout, producer, table,
                                                               stripe_proxy, watcher, move_clock, tmp_path_factory):
     jobs = await asyncio.gather(*[open_job(producer, table) for _ in range(20)])

@@ -20,6 +20,7 @@ from schemas.job import MANAGED_FIELDS, Job, encode_fields, encode_value, from_m
 from schemas.status import DEADLINE_STATUS, Deadline, JobStatus, Stage, TransitionNotAllowed, sources_of
 
 from smi import metrics
+from smi.errors import PermanentError
 from smi.jobtable.keys import LOOKUP_KINDS, KeySpace, shard_of
 from smi.jobtable.scripts import register_all
 
@@ -30,6 +31,14 @@ OrderBy = Literal["created_at", "updated_at"]
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 TOKEN_LENGTH = 64
 _JOB_FIELDS = frozenset(Job.model_fields)
+
+
+class DownloadExpired(PermanentError):
+    """No new download token for a job whose download expired (its files are gone)."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"the download of job {job_id} has expired: no new link")
+        self.job_id = job_id
 
 
 class JobNotFound(LookupError):
@@ -198,6 +207,8 @@ class JobTable:
         )
         if _s(outcome) == "missing":
             raise JobNotFound(job_id)
+        if _s(outcome) == "expired":
+            raise DownloadExpired(job_id)
         return token, from_ms(int(stored))
 
     async def claim_due(self, kind: Deadline, *, limit: int, lease: timedelta,

@@ -12,7 +12,7 @@ import pytest
 from schemas.events import rfc3339
 from schemas.status import TRANSITIONS, Deadline, JobStatus as S, Stage, TransitionNotAllowed, find_transition, owner_of
 from services.janitor.handlers import Janitor, JanitorConfig
-from smi.jobtable import JobNotFound, JobTable
+from smi.jobtable import DownloadExpired, JobNotFound, JobTable
 from smi.jobtable.table import hash_token
 from tests.support.jobs import job_fields, make_job
 
@@ -221,6 +221,19 @@ async def test_second_token_keeps_the_first_and_revoking_replaces_all(table):
         await table.issue_download_token(job.job_id, ttl_hours=169)
     with pytest.raises(JobNotFound):
         await table.issue_download_token("00000000-0000-4000-8000-000000000000", ttl_hours=1)
+
+
+async def test_an_expired_download_gets_no_new_token(table):
+    """A resend that read the job before the janitor recorded the expiry must not
+    issue a link to the files the janitor is deleting."""
+    job = await make_job(table, S.COMPLETED)
+    token, expiry = await table.issue_download_token(job.job_id, ttl_hours=24)
+    await table.update(job.job_id, {"download_expired_at": expiry}, clear=["upscaled_file_path"])
+    before = await table.redis.hgetall(table.keys.job(job.job_id))
+    with pytest.raises(DownloadExpired):
+        await table.issue_download_token(job.job_id, ttl_hours=24, revoke_others=True)
+    assert await table.redis.hgetall(table.keys.job(job.job_id)) == before
+    assert (await table.get(job.job_id)).download_expired_at == expiry
 
 
 async def test_count_by_status(table):

@@ -4,12 +4,16 @@
 --       keep_later ('1' = never move an existing expiry earlier: a second link for
 --       the same download, issued while a resend pushed the expiry out, must not
 --       shorten it)
--- Returns {outcome, status, expires_ms}; outcome is applied|missing.
+-- Returns {outcome, status, expires_ms}; outcome is applied|missing|expired.
+-- An expired download gets no new token: the janitor deletes its files right after
+-- recording the expiry, so a link issued now (a resend that read the job before the
+-- expiry) would lead to nothing.
 local id, now, hash, expires, warn, revoke = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local key = KEYS[1]
 local tokens = lookup_index('tok')
 local status = redis.call('HGET', key, 'status')
 if not status then return {'missing', '', ''} end
+if redis.call('HEXISTS', key, 'download_expired_at') == 1 then return {'expired', status, ''} end
 if ARGV[8] == '1' then
   local current = redis.call('HGET', key, 'download_expires_at')
   if current and tonumber(current) > tonumber(expires) then expires, warn = current, '' end
@@ -32,7 +36,6 @@ if #older > 0 then
 else
   redis.call('HDEL', key, 'download_token_hashes')
 end
-redis.call('HDEL', key, 'download_expired_at')
 touch(key, id, status, now)
 redis.call('ZADD', deadline_set('expire'), expires, id)
 if warn ~= '' then redis.call('ZADD', deadline_set('warn'), warn, id) end

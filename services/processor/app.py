@@ -14,7 +14,7 @@ from schemas.topics import JOBS_COMMANDS, JOBS_PENDING, UPSCALER_EVENTS
 from services.processor.handlers import Processor, ProcessorConfig
 from smi.clock import Clock
 from smi.jobtable import open_table
-from smi.kafka.app import attach_producer, create_app
+from smi.kafka.app import attach_producer, close_on_stop, create_app
 from smi.kafka.handling import add_stage_agents, value_of
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
@@ -38,8 +38,10 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Processor]:
         timeout=timedelta(minutes=settings.upsampler_timeout_minutes),
         submit_retries=settings.upscaler_submit_retries, max_result_bytes=settings.max_result_bytes)
     if settings.upscaler == "local":
-        backend = {"local": LocalUpscaler(storage, allow=allow, max_input_bytes=settings.max_image_bytes,
-                                          workers=settings.local_upscaler_workers or os.cpu_count() or 1)}
+        local = LocalUpscaler(storage, allow=allow, max_input_bytes=settings.max_image_bytes,
+                              workers=settings.local_upscaler_workers or os.cpu_count() or 1)
+        close_on_stop(app, local.close)  # its HTTP session and worker processes
+        backend = {"local": local}
     else:
         backend = {"remote": UpsamplerClient(settings.upsampler_base_url, settings.upsampler_api_key)}
     processor = Processor(table, producer.send, config, clock=clock.now, **backend)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import faust
 from faust.types import TopicT
@@ -94,3 +94,17 @@ def attach_producer(app: faust.App, producer: EventProducer) -> EventProducer:
     children in reverse), so no agent ever publishes through a stopped producer."""
     app.add_dependency(_ProducerLifetime(producer))
     return producer
+
+
+class _ClosedOnStop(Service):
+    def __init__(self, close: Callable[[], Awaitable[None]], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.close = close
+
+    async def on_stop(self) -> None:
+        await self.close()
+
+
+def close_on_stop(app: faust.App, close: Callable[[], Awaitable[None]]) -> None:
+    """Call ``close`` when ``app`` stops (a pool, a session: what the handlers hold)."""
+    app.add_dependency(_ClosedOnStop(close))

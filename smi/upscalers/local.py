@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from schemas.urls import HostAllowList
 from smi.errors import PermanentError, TransientError
-from smi.fetch import fetch_to_file
+from smi.fetch import fetch_to_file, image_session
 from smi.jobfiles import attempt_dir, job_dir
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class LocalUpscaler:
         self.max_output_pixels = max_output_pixels
         self.workers = workers
         self._pool = self._new_pool()
+        self._session = None  # smi.fetch.image_session(), made in the running loop on first use
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: forking a process that runs Kafka and Redis client
@@ -80,7 +81,10 @@ class LocalUpscaler:
         # was a tenth of the stage's time.)
         source_path = final.parent / f".source-{uuid.uuid4().hex}"
         try:
-            source = await fetch_to_file(image_url, source_path, max_bytes=self.max_input_bytes, allow=self.allow)
+            if self._session is None or self._session.closed:
+                self._session = image_session()
+            source = await fetch_to_file(image_url, source_path, max_bytes=self.max_input_bytes, allow=self.allow,
+                                         session=self._session)
             before, after = await self._in_worker(upscale_file, str(source.path), str(final), factor,
                                                   self.max_output_pixels)
         finally:
@@ -101,6 +105,8 @@ class LocalUpscaler:
             raise TransientError("an upscaler worker process died") from None
 
     async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
 
 

@@ -4,15 +4,19 @@ job with the reason (issue 4)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 
 import pytest
 from PIL import Image
 
+from schemas.events import make_event_id
 from schemas.status import JobStatus as S
-from tests.e2e.conftest import start_stage, wait_status
+from tests.e2e.conftest import KAFKA, start_stage, wait_status
 from tests.e2e.flows import paid_job
 from tests.support.image_server import ImageServer
+from tests.support.kafka_watch import drained, for_job
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +64,26 @@ async def test_bad_images_fail_the_job_with_the_reason(processor, images, produc
                          image_width=64, image_height=48)
     failed = await wait_status(table, job.job_id, S.FAILED, timeout=60)
     assert reason in failed.failure_reason, failed.failure_reason
+
+
+async def test_killed_between_completing_and_announcing_the_redelivery_announces_once(
+        processor, images, producer, table, http, gateway, watcher):
+    """The local backend completes the job while handling jobs.pending: a worker
+    that dies after the write and before jobs.completed leaves the message to be
+    redelivered, and that delivery must announce the completion (the email hangs
+    on it), once, with the first event id."""
+    processor.kill()
+    processor.start(SMI_CRASH_AT="processor.after_completed_write")
+    url = f"{images.url}/img/64x48.png?u={uuid.uuid4().hex[:8]}"
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    assert await asyncio.to_thread(processor.wait_exit, 120) == 137
+    assert (await table.get(job.job_id)).status is S.COMPLETED
+    assert not watcher.matching("jobs.completed", for_job(job.job_id))  # written, not announced
+    processor.start()
+    event_id = make_event_id(job.job_id, "completed", 1)
+    await watcher.wait_for("jobs.completed", lambda m: for_job(job.job_id)(m)
+                           and json.loads(m.value)["event_id"] == event_id, timeout=90)
+    await drained(KAFKA, "processor", ["jobs.pending"])
+    assert {json.loads(m.value)["event_id"] for m in watcher.matching("jobs.completed", for_job(job.job_id))} \
+        == {event_id}
+    assert [h.target for h in await table.history(job.job_id)].count(S.COMPLETED) == 1

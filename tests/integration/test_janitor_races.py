@@ -15,7 +15,6 @@ the janitor's publisher and payments are in-memory: neither is part of these ste
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -263,13 +262,6 @@ async def retry(processor: Processor, job_id: str) -> str:
     return await processor.on_command(command.model_dump_json().encode())
 
 
-async def deliver_results(processor: Processor, published: Published) -> None:
-    """What the processor's own upscaler.events consumer would do with what it published."""
-    for topic, _, value in list(published):
-        if topic == "upscaler.events":
-            await processor.on_upscaler_event(json.dumps(value).encode())
-
-
 async def test_a_retry_between_the_janitors_read_and_its_deletion_keeps_its_files(
         janitor, table, storage, images, processor, now):
     processor, published = processor
@@ -288,9 +280,8 @@ async def test_a_retry_between_the_janitors_read_and_its_deletion_keeps_its_file
 
     await janitor.tick(now)
 
-    assert outcomes == ["upscaled locally"]
+    assert outcomes == ["upscaled locally, completed (applied)"]
     assert not leftovers.exists()  # the failed attempt's files went
-    await deliver_results(processor, published)
     done = await table.get(job.job_id)
     assert done.status is S.COMPLETED, done.failure_reason
     assert done.attempts == 2
@@ -306,8 +297,7 @@ async def test_a_retry_after_the_purge_finished_fetches_and_stores_again(
     assert (await janitor.tick(now)).purged == 1
     assert not (storage / job.job_id).exists()
 
-    assert await retry(processor, job.job_id) == "upscaled locally"
-    await deliver_results(processor, published)
+    assert await retry(processor, job.job_id) == "upscaled locally, completed (applied)"
     done = await table.get(job.job_id)
     assert done.status is S.COMPLETED, done.failure_reason
     assert locate_stored_image(storage, done.upscaled_file_path) is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -22,10 +23,21 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_NAMESPACE_BYTES = EVENT_NAMESPACE.bytes
+
+
 def make_event_id(job_id: str, event_type: str, attempt: int | str = 0) -> str:
     """Deterministic: the same job, transition and attempt always give the same id,
-    so an event produced again after a crash or redelivery is recognisably a repeat."""
-    return str(uuid.uuid5(EVENT_NAMESPACE, f"{job_id}/{event_type}/{attempt}"))
+    so an event produced again after a crash or redelivery is recognisably a repeat.
+
+    It is ``str(uuid.uuid5(EVENT_NAMESPACE, "<job>/<type>/<attempt>"))`` computed
+    without the UUID object (a third of the cost; several ids are made per job):
+    SHA-1 of namespace and name, version 5 and RFC 4122 variant bits set."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{job_id}/{event_type}/{attempt}".encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class JobEvent(BaseModel):

@@ -95,3 +95,10 @@ DEADLINE_STATUS: dict[Deadline, JobStatus] = {
     Deadline.EXPIRE: JobStatus.COMPLETED,
     Deadline.PURGE: JobStatus.FAILED,
 }
+
+
+@cache  # asked on every transition
+def deadlines_left_by(target: JobStatus) -> tuple[Deadline, ...]:
+    """The deadline sets a job leaves when it moves to ``target``: those tied to
+    any other status (moving to pending drops the abandon deadline)."""
+    return tuple(d for d in Deadline if DEADLINE_STATUS[d] != target)

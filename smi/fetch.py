@@ -145,7 +145,7 @@ async def _follow(url: str, dest: Path, session: aiohttp.ClientSession, *, max_b
             fetched = await _save_body(response, dest, max_bytes=max_bytes, allowed_kinds=allowed_kinds)
         finally:
             response.release()
-        log.info("fetched %s: %s, %d bytes", redact(target), fetched.kind, fetched.size)
+        log.debug("fetched %s: %s, %d bytes", redact(target), fetched.kind, fetched.size)  # per image
         return fetched
     raise FetchRejected(f"too many redirects (more than {max_redirects}) from {redact(url)}")
 

@@ -89,7 +89,7 @@ class LocalUpscaler:
                                                   self.max_output_pixels)
         finally:
             source_path.unlink(missing_ok=True)
-        log.info("job %s: upscaled %dx%d to %dx%d (%s)", job_id, *before, *after, final.name)
+        log.debug("job %s: upscaled %dx%d to %dx%d (%s)", job_id, *before, *after, final.name)  # per job
         return final
 
     async def _in_worker(self, function, *args):

@@ -21,29 +21,27 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from email.message import EmailMessage
 from typing import Any, Awaitable, Callable, Protocol
-
 
 from schemas.events import Command, JobEvent, utcnow
 from schemas.job import Job
 from schemas.requests import InvalidMessage, parse_message
 from schemas.status import JobStatus
-from services.notifier import emails
+from services.notifier import emails, outgoing
 from services.notifier.emails import DownloadLink, Letterhead
 from smi import metrics
 from smi.errors import PermanentError, TransientError
 from smi.faults import crash_point
 from smi.jobtable import JobNotFound, JobTable
 from smi.kafka.handling import SourceMessage
+from smi.mailer import Outgoing
 from smi.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-
 class Sender(Protocol):
-    async def send(self, message: EmailMessage) -> None: ...
+    async def send(self, message: Outgoing) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -74,9 +72,9 @@ class Notifier:
         if job.status is not JobStatus.COMPLETED:
             raise PermanentError(f"job {job.job_id} is {job.status}, not completed: no download to send")
 
-        async def compose() -> EmailMessage:
+        async def compose() -> Outgoing:
             link = await self._issue(job.job_id, warn_hours=self.config.expiry_warning_hours)
-            return emails.download_ready(self.config.letterhead, job, link, sent_at=self.clock())
+            return outgoing.download_ready(self.config.letterhead, job, link, sent_at=self.clock())
         return await self._send_once(job, "email:ready", compose)
 
     # -- payments.refunds ---------------------------------------------------------
@@ -88,8 +86,8 @@ class Notifier:
         if type(amount) is not int:
             raise PermanentError(f"refund of job {job.job_id} has no amount, on the job or in the event")
 
-        async def compose() -> EmailMessage:
-            return emails.refund_processed(self.config.letterhead, job, amount_cents=amount, sent_at=self.clock())
+        async def compose() -> Outgoing:
+            return outgoing.refund_processed(self.config.letterhead, job, amount_cents=amount, sent_at=self.clock())
         return await self._send_once(job, "email:refund", compose)
 
     # -- jobs.expiring ------------------------------------------------------------
@@ -107,11 +105,11 @@ class Notifier:
             log.info("job %s: expiry warning for an earlier expiry; nothing to send", job.job_id)
             return "stale warning"
 
-        async def compose() -> EmailMessage:
+        async def compose() -> Outgoing:
             # Same expiry, no revocation: the link of the first email keeps working.
             link = await self._issue(job.job_id, expires_at=expires_at)
-            return emails.download_expiring(self.config.letterhead, job, link, occurrence=event.event_id,
-                                            sent_at=self.clock())
+            return outgoing.download_expiring(self.config.letterhead, job, link, occurrence=event.event_id,
+                                              sent_at=self.clock())
         return await self._send_once(job, f"email:expiring:{event.event_id}", compose)
 
     # -- jobs.commands ------------------------------------------------------------
@@ -129,15 +127,15 @@ class Notifier:
         # Once per command message: an operator who asks again sends a new command.
         occurrence = f"{message.partition}-{message.offset}"
 
-        async def compose() -> EmailMessage:
+        async def compose() -> Outgoing:
             link = await self._issue(job.job_id, warn_hours=self.config.expiry_warning_hours, revoke_others=True)
-            return emails.download_resent(self.config.letterhead, job, link, occurrence=occurrence,
-                                          sent_at=self.clock())
+            return outgoing.download_resent(self.config.letterhead, job, link, occurrence=occurrence,
+                                            sent_at=self.clock())
         return await self._send_once(job, f"email:resend:{message.partition}:{message.offset}", compose)
 
     # -- helpers ------------------------------------------------------------------
 
-    async def _send_once(self, job: Job, marker: str, compose: Callable[[], Awaitable[EmailMessage]]) -> str:
+    async def _send_once(self, job: Job, marker: str, compose: Callable[[], Awaitable[Outgoing]]) -> str:
         if await self.table.is_done(job.job_id, marker):
             log.info("job %s: %s was sent before; not sending it again", job.job_id, marker)
             return "already sent"

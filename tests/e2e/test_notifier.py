@@ -8,10 +8,13 @@ would, and read what arrived in the SMTP sink."""
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import os
 import re
 import uuid
 from datetime import timedelta
+from email.utils import parsedate_to_datetime
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -21,6 +24,8 @@ from schemas.events import Command, JobEvent, rfc3339, utcnow
 from schemas.job import to_ms
 from schemas.status import JobStatus as S
 from schemas.topics import JOBS_COMMANDS, JOBS_COMPLETED, JOBS_EXPIRING, PAYMENTS_REFUNDS
+from services.notifier import emails
+from smi.mailer import Outgoing
 from tests.e2e.conftest import KAFKA, start_stage
 from tests.support.jobs import make_job
 from tests.support.kafka_watch import eventually, for_job
@@ -29,6 +34,7 @@ from tests.support.smtp_sink import Delivery, SmtpSink, about_job
 
 SHOP = "E2E Prints & Co"
 ADMIN_EMAIL = "admin@shop.example.com"
+LETTERHEAD = emails.Letterhead(SHOP, f"{SHOP} <shop@shop.example.com>", "help@shop.example.com", ADMIN_EMAIL)
 LINK = re.compile(r"https?://\S+/downloads/([A-Za-z0-9]{64})")
 NOTIFIER_TOPICS = [JOBS_COMPLETED.name, PAYMENTS_REFUNDS.name, JOBS_EXPIRING.name, JOBS_COMMANDS.name]
 
@@ -44,9 +50,9 @@ def sink():
 async def notifier(stage_env, sink, tmp_path_factory, producer, table, storage_dir, watcher):
     """The notifier stage, ready: it has emailed a probe job. (After the watcher, so
     that sees every message the module causes.)"""
-    stage = await start_stage("notifier", {**stage_env, "SMTP_URL": sink.url, "SHOP_NAME": SHOP,
-                                           "MAIL_FROM": f"{SHOP} <shop@shop.example.com>",
-                                           "REPLY_TO": "help@shop.example.com", "ADMIN_EMAIL": ADMIN_EMAIL},
+    stage = await start_stage("notifier", {**stage_env, "SMTP_URL": sink.url, "SHOP_NAME": LETTERHEAD.shop_name,
+                                           "MAIL_FROM": LETTERHEAD.mail_from, "REPLY_TO": LETTERHEAD.reply_to,
+                                           "ADMIN_EMAIL": LETTERHEAD.admin_email},
                               tmp_path_factory.mktemp("notifier-logs"))
     probe, _ = await completed_job(table, storage_dir)
     await publish_completed(producer, probe.job_id)
@@ -129,6 +135,20 @@ async def notifier_drained(*, timeout: float) -> None:
     await eventually(no_lag, timeout=timeout, interval=0.5)
 
 
+def assert_as_the_email_package_composes_it(delivery: Delivery, reference) -> None:
+    """The notifier builds its emails' bytes itself (services/notifier/outgoing.py):
+    what arrived must be the email services/notifier/emails.py composes with the
+    email package from the same inputs, as aiosmtplib would have sent it."""
+    expected = email.message_from_bytes(Outgoing.from_message(reference).data, policy=email.policy.default)
+
+    def parts(message):
+        boundary = message.get_boundary()
+        return [([(name, str(value).replace(boundary, "B")) for name, value in part.items()],
+                 None if part.is_multipart() else part.get_content()) for part in message.walk()]
+    assert parts(delivery.message) == parts(expected)
+    assert delivery.rcpt_tos == tuple(Outgoing.from_message(reference).recipients)
+
+
 def logged(stage: StageProcess, *fragments: str) -> bool:
     return any(all(f in line for f in fragments) for line in stage.log_tail(2000).splitlines())
 
@@ -151,6 +171,9 @@ async def test_a_completed_job_gets_one_ready_email_whose_link_returns_the_file(
     assert "4x (8000 × 8000 pixels)" in text_of(delivery) and job.image_url in text_of(delivery)
     assert link_in(delivery).startswith(f"{gateway.url}/downloads/")
     assert await fetch(http, link_in(delivery)) == (200, content)
+    assert_as_the_email_package_composes_it(delivery, emails.download_ready(
+        LETTERHEAD, job, emails.DownloadLink(link_in(delivery), after.download_expires_at),
+        sent_at=parsedate_to_datetime(message["Date"])))
 
     for _ in range(3):  # redelivered
         await publish_completed(producer, job.job_id, event)

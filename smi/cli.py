@@ -24,6 +24,7 @@ from smi.ops.commands import send_command
 from smi.ops.jobs import MAX_LIMIT, ORDER_BY, list_jobs, opened_table, require_job, show_job
 from smi.ops.lag import measure, watch
 from smi.ops.render import console, job_detail, jobs_table, lag_tables, revenue_table
+from smi.ops import revenue as revenue_ops
 from smi.ops.revenue import revenue
 from smi.settings import Settings
 from smi.stack.layout import Layout
@@ -199,13 +200,46 @@ def cmd_jobs_resend(args: argparse.Namespace) -> int:
     return _send_job_command("resend_download", args.job_id)
 
 
+EXIT_TOTALS_DIFFER = 3  # `revenue --recount/--rebuild`: the running totals are not the recount's
+
+
 def cmd_revenue(args: argparse.Namespace) -> int:
-    totals = _on_table(revenue)
+    if not (args.recount or args.rebuild):
+        totals = _on_table(revenue)
+        if args.json:
+            _print_json(dataclasses.asdict(totals))
+        else:
+            console().print(revenue_table(totals))
+        return 0
+
+    async def compare(table: JobTable) -> tuple[int | None, revenue_ops.Check]:
+        rebuilt = await revenue_ops.rebuild(table) if args.rebuild else None
+        return rebuilt, await revenue_ops.check(table)
+
+    rebuilt, result = _on_table(compare)
     if args.json:
-        _print_json(dataclasses.asdict(totals))
+        _print_json({"recount": dataclasses.asdict(result.recount), "totals": dataclasses.asdict(result.totals.revenue),
+                     "match": result.matches, "incomplete_shards": list(result.totals.incomplete_shards),
+                     "quiet": result.quiet, **({"rebuilt_jobs": rebuilt} if rebuilt is not None else {})})
     else:
-        console().print(revenue_table(totals))
-    return 0
+        console().print(revenue_table(result.recount))
+        if rebuilt is not None:
+            print(f"rebuilt the running totals from {rebuilt} jobs")
+        if result.matches:
+            print("the running totals match this recount")
+    if result.matches:
+        return 0
+    if not result.totals.complete:
+        print(f"no complete running totals: shard(s) {','.join(map(str, result.totals.incomplete_shards))} hold jobs "
+              "from before the totals existed; `smi revenue --rebuild` builds them", file=sys.stderr)
+    else:
+        differ = "; ".join(f"{name} {walked} (recount) vs {kept} (running totals)"
+                           for name, (walked, kept) in result.differences().items())
+        busy = "" if result.quiet else (" (jobs were being written during each recount: run it again when "
+                                        "quieter before rebuilding)")
+        print(f"the running totals DIFFER from the recount: {differ}{busy}; `smi revenue --rebuild` recounts "
+              "them", file=sys.stderr)
+    return EXIT_TOTALS_DIFFER
 
 
 def cmd_lag(args: argparse.Namespace) -> int:
@@ -338,8 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     lag.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
     lag.set_defaults(handler=cmd_lag)
 
-    commands.add_parser("revenue", parents=[as_json], help="charged, cost, refunds, profit, margin"
-                        ).set_defaults(handler=cmd_revenue)
+    revenue_cmd = commands.add_parser(
+        "revenue", parents=[as_json], help="charged, cost, refunds, profit, margin",
+        description="Charged, cost, refunds, profit and margin, from the running totals the job table keeps per "
+                    "shard (O(shards)). A table older than those totals is recounted job by job instead (with a "
+                    "warning) until `--rebuild` has run once.")
+    checks = revenue_cmd.add_mutually_exclusive_group()
+    checks.add_argument("--recount", action="store_true",
+                        help="walk every job (O(jobs)), print its figures and compare them with the running "
+                             f"totals: exit {EXIT_TOTALS_DIFFER} when they differ, or when the table predates them")
+    checks.add_argument("--rebuild", action="store_true",
+                        help="recount every job into the running totals, online (a chunk of jobs per Lua script; "
+                             "writes meanwhile are counted once), then compare as --recount does")
+    revenue_cmd.set_defaults(handler=cmd_revenue)
 
     # Every argument goes to bench/run.py's own parser (`smi bench --help` shows them).
     bench = commands.add_parser("bench", add_help=False, prefix_chars="+",

@@ -9,6 +9,9 @@ Redis Cluster slot (design.md, "Durability ... Scale").
     st:{s3}:<status>:c | :u      sorted sets (lexicographic): jobs by created/updated
     by:{s3}:<cs|pi|up|cb|tok>    hash: lookup value -> job_id
     dl:{s3}:<abandon|warn|expire> sorted set: job_id scored by due time (ms)
+    rev:{s3}                     hash: the shard's running revenue figures, kept by
+                                 the scripts that write the fields they count
+                                 (lua/prelude.lua, "Running revenue figures")
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class KeySpace:
 
     def deadline(self, shard: int, kind: Deadline) -> str:
         return f"dl:{self.tag(shard)}:{kind.value}"
+
+    def revenue(self, shard: int) -> str:
+        return f"rev:{self.tag(shard)}"
 
     def new_job_id(self, request_id: str | None = None) -> str:
         """A fresh UUIDv4. With a request id, one that lands in the request id's shard,

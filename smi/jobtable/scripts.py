@@ -1,18 +1,24 @@
 """Loads the Lua scripts (each prefixed with the shared prelude) and registers them
-on a client; redis-py runs them by EVALSHA and reloads them after a Redis restart."""
+on a client; redis-py runs them by EVALSHA and reloads them after a Redis restart.
+The prelude starts with the job statuses, from schemas.status, as the Lua list
+STATUSES (scripts that visit each status index of a shard read it)."""
 
 from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
 
+from schemas.status import JobStatus
+
 LUA_DIR = Path(__file__).parent / "lua"
-NAMES = ("create", "transition", "update", "issue_token", "claim_due", "clear_deadline_if", "mark_done")
+NAMES = ("create", "transition", "update", "issue_token", "claim_due", "clear_deadline_if", "mark_done",
+         "rebuild_revenue")
 
 
 @cache
 def source(name: str) -> str:
-    prelude = (LUA_DIR / "prelude.lua").read_text()
+    statuses = ", ".join(f"'{status.value}'" for status in JobStatus)
+    prelude = f"local STATUSES = {{{statuses}}}\n" + (LUA_DIR / "prelude.lua").read_text()
     return prelude + "\n" + (LUA_DIR / f"{name}.lua").read_text()
 
 

@@ -72,6 +72,20 @@ class HistoryEntry:
     event_id: str | None
 
 
+REVENUE_FIGURES = ("charged", "paid_jobs", "cost", "refunded", "refunded_jobs")
+
+
+@dataclass(frozen=True)
+class ShardRevenue:
+    """One shard's running revenue figures (lua/prelude.lua): integer cents and job
+    counts, by the names of REVENUE_FIGURES. ``complete`` is False while they do not
+    count every job of the shard: a table older than the figures, until
+    ``rebuild_revenue`` has run over it."""
+    shard: int
+    figures: dict[str, int]
+    complete: bool
+
+
 @dataclass(frozen=True)
 class DueItem:
     job_id: str
@@ -354,6 +368,52 @@ class JobTable:
         counts = await pipe.execute()
         n = len(JobStatus)
         return {st: sum(counts[i::n]) for i, st in enumerate(JobStatus)}
+
+    async def revenue_figures(self) -> list[ShardRevenue]:
+        """Every shard's running revenue figures: one pipelined round trip (and a
+        second, of ZCARDs, only for shards without figures: a shard with no jobs has
+        none yet and is complete at zero; one with jobs predates the figures)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.hmget(self.keys.revenue(shard), *REVENUE_FIGURES, "complete")
+        rows = await pipe.execute()
+        unmarked = [shard for shard, row in enumerate(rows) if row[-1] is None]
+        has_jobs: set[int] = set()
+        if unmarked:
+            pipe = self.redis.pipeline(transaction=False)
+            for shard in unmarked:
+                for st in JobStatus:
+                    pipe.zcard(self.keys.status_index(shard, st, "c"))
+            counts = await pipe.execute()
+            n = len(JobStatus)
+            has_jobs = {shard for i, shard in enumerate(unmarked) if any(counts[i * n:(i + 1) * n])}
+        return [ShardRevenue(shard, {name: int(value or 0) for name, value in zip(REVENUE_FIGURES, row)},
+                             complete=(row[-1] == b"1" or row[-1] == "1") if row[-1] is not None
+                             else shard not in has_jobs)
+                for shard, row in enumerate(rows)]
+
+    async def rebuild_revenue(self, shard: int, *, chunk: int = 200) -> int:
+        """Recount one shard's revenue figures from its jobs while writes go on: one
+        script per ``chunk`` jobs (about 12 us of Redis time per job, measured: a
+        200-job script holds Redis for 2-3 ms), the figures complete at the end.
+        Returns the jobs counted. Two rebuilds of a shard at once share its cursor (and a restart of
+        one begins again); the figures stay right either way."""
+        counted, restart = 0, True
+        while True:
+            done, jobs = await self.rebuild_revenue_step(shard, chunk=chunk, restart=restart)
+            counted, restart = counted + jobs, False
+            if done:
+                return counted
+
+    async def rebuild_revenue_step(self, shard: int, *, chunk: int, restart: bool = False) -> tuple[bool, int]:
+        """One chunk of ``rebuild_revenue`` (lua/rebuild_revenue.lua): counts up to
+        ``chunk`` more jobs of the shard, from its first job with ``restart`` or when
+        no rebuild is under way. Returns (finished, jobs counted by this step)."""
+        if not 1 <= chunk <= 10_000:
+            raise ValueError("chunk must be 1..10000")
+        done, jobs = await self._scripts["rebuild_revenue"](
+            keys=[self.keys.revenue(shard)], args=[self.keys.tag(shard), chunk, "1" if restart else "0"])
+        return bool(int(done)), int(jobs)
 
     async def due(self, kind: Deadline, *, limit: int, now: datetime | None = None) -> list[DueItem]:
         """Due items of a deadline set, earliest first, without claiming them.

@@ -204,6 +204,59 @@ async def test_revenue_matches_a_hand_computation(seeded):
     assert "$22.68" in table.out and "$15.04" in table.out and "85.07%" in table.out
 
 
+async def test_revenue_recount_matches_the_running_totals(seeded):
+    run = await smi("revenue", "--recount")
+    assert run.code == 0, run.err
+    assert "$22.68" in run.out and "match" in run.out
+    run = await smi("revenue", "--recount", "--json")
+    assert run.code == 0, run.err
+    report = run.json()
+    assert report["match"] is True and report["recount"] == report["totals"] and report["incomplete_shards"] == []
+    assert report["recount"]["charged_cents"] == 2268 and report["recount"]["refunded_jobs"] == 1
+
+
+async def test_revenue_recount_finds_tampered_totals_and_rebuild_fixes_them(seeded):
+    redis = connect(REDIS_URL)
+    table = JobTable(redis, shards=SHARDS, namespace=NAMESPACE)
+    shard = int(table.keys.tag_of(seeded.ids["done_b"]).split("{s")[1].rstrip("}"))
+    try:
+        await redis.hincrby(table.keys.revenue(shard), "cost", 36)
+        run = await smi("revenue", "--recount")
+        assert run.code == 3, (run.out, run.err)
+        assert "DIFFER" in run.err and "cost_cents 264 (recount) vs 300 (running totals)" in run.err
+        assert "--rebuild" in run.err
+        run = await smi("revenue", "--recount", "--json")
+        assert run.code == 3
+        assert run.json()["match"] is False and run.json()["totals"]["cost_cents"] == 300
+        assert (await smi("revenue", "--json")).json()["cost_cents"] == 300  # the fast path reads the totals
+    finally:
+        rebuilt = await smi("revenue", "--rebuild")
+        await redis.aclose()
+    assert rebuilt.code == 0, (rebuilt.out, rebuilt.err)
+    assert "rebuilt the running totals from 6 jobs" in rebuilt.out and "match" in rebuilt.out
+    assert (await smi("revenue", "--json")).json()["cost_cents"] == 264
+
+
+async def test_revenue_of_a_table_older_than_the_totals(seeded):
+    redis = connect(REDIS_URL)
+    table = JobTable(redis, shards=SHARDS, namespace=NAMESPACE)
+    try:
+        await redis.delete(*(table.keys.revenue(shard) for shard in range(SHARDS)))
+        run = await smi("revenue", "--json")  # recounted, with a warning naming the fix
+        assert run.code == 0, run.err
+        assert run.json()["charged_cents"] == 2268 and run.json()["cost_cents"] == 264
+        assert "predates" in run.err and "--rebuild" in run.err
+        run = await smi("revenue", "--recount")
+        assert run.code == 3 and "no complete running totals" in run.err and "--rebuild" in run.err
+    finally:
+        rebuilt = await smi("revenue", "--rebuild", "--json")
+        await redis.aclose()
+    assert rebuilt.code == 0, rebuilt.err
+    assert rebuilt.json()["match"] is True and rebuilt.json()["rebuilt_jobs"] == 6
+    run = await smi("revenue", "--recount")
+    assert run.code == 0 and run.err == ""
+
+
 # ------------------------------------------------------------------------ lag
 
 
@@ -232,6 +285,7 @@ async def test_lag_json_lists_every_stage_group():
     (["jobs", "frobnicate"], "frobnicate"),
     (["jobs", "resend", str(uuid.uuid4()), "--force"], "--force"),
     (["revenue", "--watch"], "--watch"),
+    (["revenue", "--recount", "--rebuild"], "not allowed"),
 ])
 async def test_bad_usage_exits_2_with_a_message(args, mentions):
     run = await smi(*args)

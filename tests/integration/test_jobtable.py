@@ -30,6 +30,7 @@ async def snapshot(table: JobTable, job_id: str) -> dict:
             state[f"{st}:{order}"] = await r.zrange(keys.status_index(shard, st, order), 0, -1)
     for kind in Deadline:
         state[f"dl:{kind}"] = await r.zrange(keys.deadline(shard, kind), 0, -1, withscores=True)
+    state["rev"] = await r.hgetall(keys.revenue(shard))  # the shard's running revenue figures
     return state
 
 

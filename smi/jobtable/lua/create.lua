@@ -11,8 +11,19 @@ if request_id ~= '' then
 end
 if redis.call('EXISTS', key) == 1 then return {0, id, redis.call('HGETALL', key)} end
 
-apply_fields(key, id, cjson.decode(ARGV[6]), {})
+-- A shard's first job starts its revenue figures, complete; a shard that has jobs
+-- but no figures yet (a table older than them) gets them marked incomplete.
+if redis.call('EXISTS', REVENUE) == 0 then
+  local jobs = 0
+  for _, s in ipairs(STATUSES) do jobs = jobs + redis.call('ZCARD', status_index(s, 'c')) end
+  redis.call('HSET', REVENUE, 'complete', jobs == 0 and '1' or '0')
+end
+
+local fields = cjson.decode(ARGV[6])
+local before = revenue_before(key, touches_revenue(fields, {}, 'new', 'new'))
+apply_fields(key, id, fields, {})
 redis.call('HSET', key, 'job_id', id, 'status', 'new', 'created_at', now, 'attempts', '0')
+count_revenue(key, id, before)
 if request_id ~= '' then
   redis.call('HSET', key, 'request_id', request_id)
   redis.call('HSET', requests, request_id, id)

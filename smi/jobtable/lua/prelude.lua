@@ -79,3 +79,78 @@ local function append_history(key, now, from, to, by, event_id)
   if event_id == '' then event_id = '-' end
   redis.call('HSET', key, 'history', old .. now .. ' ' .. from .. ' ' .. to .. ' ' .. by .. ' ' .. event_id .. '\n')
 end
+
+-- Running revenue figures, one hash per shard, 'rev:' .. TAG (smi/ops/revenue.py
+-- sums the shards' hashes; its recount() over every job is the reference). A job
+-- adds to its shard's figures, from its own fields:
+--   charged, paid_jobs       price_cents and 1, once it has paid_at
+--   cost                     cost_cents, while its status is completed
+--   refunded, refunded_jobs  refund_amount_cents and 1, once it has that field
+-- Every script that can change one of those fields reads the job's contribution
+-- before and after its write and adds the differences (HINCRBY, integer cents), in
+-- the same atomic script. Other fields of the hash: 'complete' = '1' while the
+-- figures count every job of the shard (create.lua sets it on a shard's first job;
+-- a table older than the figures lacks it until rebuild_revenue.lua has run), and,
+-- while a rebuild runs, its cursor 'rebuild_at' and its own sums 'new:<figure>'.
+local REVENUE = 'rev:' .. TAG
+local FIGURES = {'charged', 'paid_jobs', 'cost', 'refunded', 'refunded_jobs'}
+local REVENUE_FIELDS = {status = true, paid_at = true, price_cents = true, cost_cents = true,
+                        refund_amount_cents = true}
+
+local function contribution(key)
+  local f = redis.call('HMGET', key, 'status', 'paid_at', 'price_cents', 'cost_cents', 'refund_amount_cents')
+  local paid = f[2] and 1 or 0
+  local refunded = f[5] and 1 or 0
+  return {paid * (tonumber(f[3]) or 0), paid, f[1] == 'completed' and (tonumber(f[4]) or 0) or 0,
+          refunded * (tonumber(f[5]) or 0), refunded}
+end
+
+-- Whether a write that sets `set`, clears `clear` and moves the status from `from`
+-- to `to` can change the job's contribution (the figures read nothing else).
+local function touches_revenue(set, clear, from, to)
+  if from ~= to and (from == 'completed' or to == 'completed') then return true end
+  for field in pairs(set) do if REVENUE_FIELDS[field] then return true end end
+  for _, field in ipairs(clear) do if REVENUE_FIELDS[field] then return true end end
+  return false
+end
+
+-- Byte order, as ZRANGEBYLEX sorts (Lua's '<' on strings follows the server's
+-- locale, which Redis sets from the environment for SORT ALPHA).
+local function lex_less(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
+-- The contribution before a write that `touches_revenue` (nil: nothing to count).
+local function revenue_before(key, touched)
+  if touched then return contribution(key) end
+  return nil
+end
+
+-- After the write: add the differences to the shard's figures, and to a running
+-- rebuild's sums when the rebuild has already counted this job (its created-order
+-- member is at or before the rebuild's cursor; a member never changes).
+local function count_revenue(key, id, before)
+  if not before then return end
+  local after = contribution(key)
+  local counted_by_rebuild = nil
+  for i, name in ipairs(FIGURES) do
+    local delta = after[i] - before[i]
+    if delta ~= 0 then
+      if counted_by_rebuild == nil then
+        local cursor = redis.call('HGET', REVENUE, 'rebuild_at')
+        counted_by_rebuild = false
+        if cursor then
+          local m = member(redis.call('HGET', key, 'created_at') or '', id)
+          counted_by_rebuild = not lex_less(cursor, m)
+        end
+      end
+      delta = string.format('%d', delta)
+      redis.call('HINCRBY', REVENUE, name, delta)
+      if counted_by_rebuild then redis.call('HINCRBY', REVENUE, 'new:' .. name, delta) end
+    end
+  end
+end

@@ -26,7 +26,9 @@ for _, source in ipairs(cjson.decode(ARGV[4])) do
 end
 if not allowed then return {'rejected', status} end
 
-apply_fields(key, id, cjson.decode(ARGV[8]), cjson.decode(ARGV[9]))
+local set, clear = cjson.decode(ARGV[8]), cjson.decode(ARGV[9])
+local before = revenue_before(key, touches_revenue(set, clear, status, target))
+apply_fields(key, id, set, clear)
 local created = redis.call('HGET', key, 'created_at')
 local updated = redis.call('HGET', key, 'updated_at')
 redis.call('ZREM', status_index(status, 'c'), member(created, id))
@@ -36,4 +38,5 @@ redis.call('ZADD', status_index(target, 'u'), 0, member(now, id))
 redis.call('HSET', key, 'status', target, 'updated_at', now)
 apply_deadlines(id, cjson.decode(ARGV[10]), cjson.decode(ARGV[11]))
 append_history(key, now, status, target, actor, event_id)
+count_revenue(key, id, before)
 return {'applied', status}

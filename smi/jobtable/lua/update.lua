@@ -27,7 +27,10 @@ if ARGV[9] then
     end
   end
 end
-apply_fields(key, id, cjson.decode(ARGV[4]), cjson.decode(ARGV[5]))
+local set, clear = cjson.decode(ARGV[4]), cjson.decode(ARGV[5])
+local before = revenue_before(key, touches_revenue(set, clear, status, status))
+apply_fields(key, id, set, clear)
+count_revenue(key, id, before)
 touch(key, id, status, now)
 apply_deadlines(id, cjson.decode(ARGV[7]), cjson.decode(ARGV[8]))
 return {'applied', status}

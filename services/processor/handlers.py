@@ -171,13 +171,11 @@ class Processor:
             metrics.upscaler_request("local", "refused")
             return await self._fail(job, f"local upscale failed: {exc}")
         metrics.upscaler_request("local", "accepted")
-        # Completed here, by the step an Upsampler callback takes (_complete), not
-        # through a round trip over upscaler.events: that hop was a third of the
-        # stage's work per job. A crash before the write redoes the upscale (the
-        # result is found); one after it announces again (start()).
-        completed = await self._complete(job, UpscalerEvent.model_validate({
-            "job_id": job.job_id, "id": job.upsampler_job_id, "status": SUCCESS, "creditCost": 0,
-            "imageUrl": None, "resultPath": str(path)}))
+        # Completed here, by the write an Upsampler callback ends with, not through a
+        # round trip over upscaler.events: that hop was a third of the stage's work
+        # per job. A crash before the write redoes the upscale (the result is found);
+        # one after it announces again (start()). No credits: nothing was bought.
+        completed = await self._record_completed(job, path.resolve(), credits=0, upscaled_url=None)
         return f"upscaled locally, {completed}"
 
     # -- upscaler.events --------------------------------------------------------------
@@ -207,12 +205,17 @@ class Processor:
             path = await self._store_result(job, event)
         except (PermanentError, UnsafeURL) as exc:
             return await self._fail(job, f"result unusable: {exc}")
-        credits = _credits_used(job, event)
+        return await self._record_completed(job, path, credits=_credits_used(job, event),
+                                            upscaled_url=event.image_url)
+
+    async def _record_completed(self, job: Job, path: Path, *, credits: int | None,
+                                upscaled_url: str | None) -> str:
+        """Move the job to completed with its stored result, then announce it."""
         now = self.clock()
         completed = _completed_event(job, now)
         result = await self.table.transition(job.job_id, JobStatus.COMPLETED, actor=Stage.PROCESSOR,
                                              event_id=completed.event_id, fields={
-                                                 "upscaled_file_path": str(path), "upscaled_url": event.image_url,
+                                                 "upscaled_file_path": str(path), "upscaled_url": upscaled_url,
                                                  "credits": credits, "completed_at": now,
                                                  "cost_cents": (credits or 0) * self.config.credit_price_cents})
         if result.outcome == "rejected":

@@ -153,8 +153,10 @@ def _fold(name: str, value: str) -> bytes:
 
 def _message_id_header(mid: str) -> tuple[bytes, str]:
     """The Message-ID line, and the id as the email package reads it back."""
-    if _SIMPLE_MESSAGE_ID.fullmatch(mid):
-        return b"Message-ID: " + mid.encode("ascii") + b"\r\n", mid  # a msg-id is never folded
+    if len("Message-ID: ") + len(mid) <= MAX_LINE and _SIMPLE_MESSAGE_ID.fullmatch(mid):
+        # On one line as it is. A longer id is moved to a continuation line by the
+        # email package when it fits there (and kept when it does not): folded below.
+        return b"Message-ID: " + mid.encode("ascii") + b"\r\n", mid
     _, header = emails.POLICY.header_store_parse("Message-ID", mid)
     return WIRE_POLICY.fold_binary("Message-ID", header), str(header)
 

@@ -279,7 +279,7 @@ class MailIndex:
         deliveries = self.sink.deliveries()
         for delivery in deliveries[self.read:]:
             # <kind.job_id.occurrence@domain>
-            kind_, _, rest = delivery.message["Message-ID"].strip("<>").partition(".")
+            kind_, _, rest = delivery.message["Message-ID"].strip().strip("<>").partition(".")
             self.seen.add((kind_, rest[:36]))
         self.read = len(deliveries)
         return (kind, job_id) in self.seen

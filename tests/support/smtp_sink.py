@@ -109,4 +109,10 @@ class SmtpSink:
 def about_job(job_id: str, kind: str | None = None) -> Callable[[Delivery], bool]:
     """Emails of one job (of one kind: ready, resend, expiring, refund), by Message-ID."""
     prefix = f"<{kind}.{job_id}." if kind else None
-    return lambda d: job_id in d.message["Message-ID"] and (prefix is None or d.message["Message-ID"].startswith(prefix))
+
+    def matches(delivery: Delivery) -> bool:
+        # A Message-ID line over 78 characters is folded: the parsed value then
+        # starts with the continuation line's space.
+        message_id = delivery.message["Message-ID"].strip()
+        return job_id in message_id and (prefix is None or message_id.startswith(prefix))
+    return matches

@@ -252,7 +252,9 @@ LINKS = [LINK, DownloadLink("https://shop.example.com/a/much/longer/path/downloa
 def test_the_fast_builder_sends_the_bytes_the_email_package_would(kind, letterhead):
     for the_job in JOBS:
         for link in LINKS:
-            for occurrence in ("1", "3-17", "3f1c2a9e-8d4b-4c6a-9f2e-1b7d5e0a4c3d", "odd id with spaces ü"):
+            # "000000": an expiring email's Message-ID line of 79 characters, which the
+            # email package moves to a continuation line (found by hypothesis).
+            for occurrence in ("1", "3-17", "000000", "3f1c2a9e-8d4b-4c6a-9f2e-1b7d5e0a4c3d", "odd id with spaces ü"):
                 fast, reference = both(kind, letterhead, the_job, link, occurrence=occurrence)
                 assert differences(fast, reference) == [], (kind, letterhead, the_job.email, link, occurrence)
 

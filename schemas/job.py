@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from schemas.status import JobStatus
 
@@ -26,6 +26,9 @@ TIME_FIELDS = frozenset({
 MANAGED_FIELDS = frozenset({
     "job_id", "request_id", "status", "created_at", "updated_at", "download_token_hash", "download_token_hashes",
 })
+# The job hash records each side effect done as a field "done:<step>" (JobTable.mark_done);
+# a read of the job carries them as ``Job.done``, so checking one costs no second read.
+DONE_PREFIX = "done:"
 # Never shown outside the table's own process: not on topics, not in logs.
 SECRET_FIELDS = frozenset({"email", "download_token_hash", "download_token_hashes", "callback_token_hash"})
 
@@ -74,10 +77,23 @@ class Job(BaseModel):
     abandoned_at: datetime | None = None
     created_at: datetime
     updated_at: datetime
+    # Not a field of the record: the steps whose side effect happened ("email:ready"),
+    # read with it from the fields "done:<step>" (see DONE_PREFIX).
+    _done: frozenset[str] = PrivateAttr(default=frozenset())
 
     @classmethod
     def from_redis(cls, raw: Mapping[Any, Any]) -> "Job":
-        return cls.model_validate(decode_fields(raw))
+        job = cls.model_validate(decode_fields(raw))
+        names = (k.decode() if isinstance(k, bytes) else k for k in raw)
+        done = frozenset(name[len(DONE_PREFIX):] for name in names if name.startswith(DONE_PREFIX))
+        if done:
+            job._done = done
+        return job
+
+    @property
+    def done(self) -> frozenset[str]:
+        """The steps whose side effect happened (JobTable.mark_done), as read with the job."""
+        return self._done
 
     def public_view(self) -> dict[str, Any]:
         """What anyone holding the job id may see (GET /jobs/{id})."""
@@ -130,6 +146,8 @@ def decode_fields(raw: Mapping[Any, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in raw.items():
         key = k.decode() if isinstance(k, bytes) else k
+        if key.startswith(DONE_PREFIX):
+            continue  # a marker, not a field (Job.done)
         val = v.decode() if isinstance(v, bytes) else v
         if key in TIME_FIELDS:
             out[key] = from_ms(val)

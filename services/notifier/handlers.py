@@ -136,7 +136,7 @@ class Notifier:
     # -- helpers ------------------------------------------------------------------
 
     async def _send_once(self, job: Job, marker: str, compose: Callable[[], Awaitable[Outgoing]]) -> str:
-        if await self.table.is_done(job.job_id, marker):
+        if marker in job.done:  # the job was read by this handling: its markers with it
             log.info("job %s: %s was sent before; not sending it again", job.job_id, marker)
             return "already sent"
         if not job.email:

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Literal, Mapping
 
 from schemas.events import utcnow
-from schemas.job import MANAGED_FIELDS, Job, encode_fields, encode_value, from_ms, to_ms
+from schemas.job import DONE_PREFIX, MANAGED_FIELDS, Job, encode_fields, encode_value, from_ms, to_ms
 from schemas.status import Deadline, JobStatus, Stage, TransitionNotAllowed, deadlines_left_by, sources_of
 
 from smi import metrics
@@ -280,7 +280,9 @@ class JobTable:
                                                     args=[self.keys.tag_of(job_id), job_id, step])) == 1
 
     async def is_done(self, job_id: str, step: str) -> bool:
-        return bool(await self.redis.hexists(self.keys.job(job_id), f"done:{step}"))
+        """Whether ``step`` was marked done. A job just read says so itself, without
+        this round trip: ``step in job.done``."""
+        return bool(await self.redis.hexists(self.keys.job(job_id), f"{DONE_PREFIX}{step}"))
 
     # -- reads -------------------------------------------------------------------
 

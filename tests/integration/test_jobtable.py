@@ -253,6 +253,10 @@ async def test_done_markers_record_each_step_once_per_job(table):
     assert await table.is_done(job.job_id, "email:ready")
     assert not await table.is_done(job.job_id, "email:refund")
     assert not await table.is_done(other.job_id, "email:ready")
+    # A read of the job carries its markers (no second round trip), never shown to operators.
+    read = await table.get(job.job_id)
+    assert read.done == {"email:ready"} and (await table.get(other.job_id)).done == frozenset()
+    assert "done" not in read.redacted()
 
 
 async def test_a_repeated_request_whose_job_was_deleted_by_hand_is_not_found(table):

@@ -396,8 +396,7 @@ class JobTable:
             n = len(JobStatus)
             has_jobs = {shard for i, shard in enumerate(unmarked) if any(counts[i * n:(i + 1) * n])}
         return [ShardRevenue(shard, {name: int(value or 0) for name, value in zip(REVENUE_FIGURES, row)},
-                             complete=(row[-1] == b"1" or row[-1] == "1") if row[-1] is not None
-                             else shard not in has_jobs)
+                             complete=_s(row[-1]) == "1" if row[-1] is not None else shard not in has_jobs)
                 for shard, row in enumerate(rows)]
 
     async def rebuild_revenue(self, shard: int, *, chunk: int = 200) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from schemas.status import JobStatus
 from smi.jobtable import JobTable, ShardRevenue
+from smi.jobtable.table import REVENUE_FIGURES
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ class Totals:
 
 
 def _sum(shards: list[ShardRevenue]) -> Totals:
-    total = {name: sum(s.figures[name] for s in shards) for name in ("charged", "cost", "refunded",
-                                                                      "paid_jobs", "refunded_jobs")}
+    total = {name: sum(s.figures[name] for s in shards) for name in REVENUE_FIGURES}
     return Totals(figures(**total), tuple(s.shard for s in shards if not s.complete))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -66,6 +67,13 @@ BATCH_SIZE = Histogram(
     ["stage", "topic"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 LAST_PROCESSED = Gauge("smi_last_processed_timestamp_seconds",
                        "Unix time this process last finished a message (handled or dead-lettered)", ["stage"])
+GC_PAUSE = Histogram(
+    "smi_gc_pause_seconds", "Pauses of this process's garbage collector, by generation (2: a full pass; "
+    "smi.heap freezes the startup heap so that full passes stay short)",
+    ["generation"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+GC_FROZEN = Gauge("smi_gc_frozen_objects",
+                  "Objects of this process taken out of the garbage collector's passes at startup (smi.heap)")
+GC_FROZEN.set_function(gc.get_freeze_count)
 
 
 # -- one-line helpers for call sites ---------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 
+from smi.heap import freeze_startup_heap, record_gc_pauses
 from smi.jobtable import open_table
 from smi.logs import logging_config, setup_logging
 from smi.metrics import GaugeRefresher, start_metrics_server
@@ -23,6 +24,7 @@ def run_stage(stage: str, settings: Settings, *, loglevel: str = "info") -> None
     if stage == "gateway":
         from services.gateway.app import serve
 
+        freeze_startup_heap()
         asyncio.run(serve(settings))
         return
     from faust import Worker
@@ -42,6 +44,23 @@ def run_stage(stage: str, settings: Settings, *, loglevel: str = "info") -> None
     # The stage's table lives inside its handlers; the gauges read through a small client of their own.
     table = open_table(settings, max_connections=2)
     app.add_dependency(GaugeRefresher(stage, table, settings.kafka_bootstrap_servers))
+    record_gc_pauses()
+    freeze_startup_heap()
     # The Worker sets logging up again when it starts: hand it the same configuration.
-    Worker(app, loglevel=loglevel,
-           logging_config=logging_config(stage, loglevel, settings.log_format)).execute_from_commandline()
+    stage_worker(Worker)(app, loglevel=loglevel,
+                         logging_config=logging_config(stage, loglevel, settings.log_format)).execute_from_commandline()
+
+
+def stage_worker(worker_class: type) -> type:
+    """Faust's Worker, freezing the heap once more when the app has started: its
+    consumer, producer and topic metadata are made during the start (smi.heap)."""
+    class StageWorker(worker_class):
+        # Log lines keep Faust's label ("[^Worker]: Ready" is what operators and
+        # tests wait for), not this class's name.
+        shortlabel = label = "Worker"
+
+        async def on_startup_finished(self) -> None:
+            await super().on_startup_finished()
+            freeze_startup_heap()
+
+    return StageWorker

@@ -38,7 +38,8 @@ EXPECTED_FAMILIES = {
     "smi_messages": "counter", "smi_handler_duration_seconds": "histogram", "smi_transitions": "counter",
     "smi_dead_letters": "counter", "smi_refunds": "counter", "smi_emails": "counter",
     "smi_upscaler_requests": "counter", "smi_jobs": "gauge", "smi_consumer_lag": "gauge",
-    "smi_last_processed_timestamp_seconds": "gauge",
+    "smi_last_processed_timestamp_seconds": "gauge", "smi_gc_pause_seconds": "histogram",
+    "smi_gc_frozen_objects": "gauge",
 }
 
 pytestmark = pytest.mark.timeout(75)
@@ -118,6 +119,9 @@ async def test_checkout_stage_exports_metrics_and_logs_json(checkout_stage):
     assert abs(time.time() - value(found, "smi_last_processed_timestamp_seconds", stage="checkout")) < 60
     # The gauges are refreshed at start (so every status has a sample), then every 15 s.
     assert ("smi_jobs", frozenset({("status", "awaiting_payment")})) in found
+    # The startup heap is frozen (smi.heap), by a full pass observed like any other.
+    assert value(found, "smi_gc_frozen_objects") > 50_000
+    assert value(found, "smi_gc_pause_seconds_count", generation="2") >= 1
     # Every metric is declared at import, so even those no call site has used yet parse with their type.
     families = {family.name: family.type for family in text_string_to_metric_families(text)}
     assert {name: families.get(name) for name in EXPECTED_FAMILIES} == EXPECTED_FAMILIES

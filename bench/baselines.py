@@ -5,19 +5,34 @@
   producer settings (acks=all, idempotent), waiting for the acks of every fetched
   batch before the next fetch (as a stage must before committing);
 - a raw redis-py compare-and-set: a five-line Lua CAS over N hashes, in pipelines
-  of 100.
+  of 100;
+- the floor under every stage, in a Faust app with the stages' settings
+  (smi.kafka.app.create_app): an agent that only acks each message (Faust's own
+  cost per message), and smi's stage agent (smi.kafka.handling: batches, retries,
+  dead letters, metrics, acks after the batch) whose handler only forwards each
+  message to a second topic. No stage can beat the second: a stage's own work
+  comes on top of it.
 The scratch topics and keys are deleted afterwards."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.report import rate_figures
+from schemas.topics import JOBS_REQUESTED
+from smi.kafka.app import attach_producer, create_app, stage_topic
+from smi.kafka.handling import SourceMessage, add_stage_agent
+from smi.kafka.producer import EventProducer
+from smi.settings import Settings
 
 PARTITIONS = 6  # as the stage topics (TOPIC_PARTITIONS)
 MESSAGE = b'{"request_id":"%d","image_url":"http://127.0.0.1/tiny.png","resolution":"2x",' \
@@ -35,7 +50,10 @@ def _producer(bootstrap: str) -> AIOKafkaProducer:
     return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
 
 
-async def kafka_passthrough(bootstrap: str, count: int) -> dict:
+@asynccontextmanager
+async def _scratch_topics(bootstrap: str, count: int) -> AsyncIterator[tuple[AIOKafkaProducer, str, str]]:
+    """A source topic holding ``count`` messages and an empty sink topic (the input
+    is written here, untimed), deleted afterwards; with a started producer."""
     run = uuid.uuid4().hex[:8]
     source, sink = f"bench.{run}.in", f"bench.{run}.out"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -47,24 +65,8 @@ async def kafka_passthrough(bootstrap: str, count: int) -> dict:
         try:
             await _leaders_elected(producer, [source, sink])
             acks = [await producer.send(source, MESSAGE % i, key=str(i).encode()) for i in range(count)]
-            await asyncio.gather(*acks)  # the input, not timed
-            consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                        max_partition_fetch_bytes=8 * 1024 * 1024)
-            await consumer.start()
-            try:
-                partitions = [TopicPartition(source, p) for p in range(PARTITIONS)]
-                consumer.assign(partitions)
-                await consumer.seek_to_beginning(*partitions)
-                moved, started = 0, time.perf_counter()
-                while moved < count:
-                    batches = await consumer.getmany(timeout_ms=1000, max_records=1000)
-                    acks = [await producer.send(sink, m.value, key=m.key)
-                            for messages in batches.values() for m in messages]
-                    await asyncio.gather(*acks)
-                    moved += len(acks)
-                seconds = time.perf_counter() - started
-            finally:
-                await consumer.stop()
+            await asyncio.gather(*acks)
+            yield producer, source, sink
         finally:
             await producer.stop()
     finally:
@@ -72,7 +74,83 @@ async def kafka_passthrough(bootstrap: str, count: int) -> dict:
             await admin.delete_topics([source, sink])
         finally:
             await admin.close()
+
+
+async def kafka_passthrough(bootstrap: str, count: int) -> dict:
+    async with _scratch_topics(bootstrap, count) as (producer, source, sink):
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                    max_partition_fetch_bytes=8 * 1024 * 1024)
+        await consumer.start()
+        try:
+            partitions = [TopicPartition(source, p) for p in range(PARTITIONS)]
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            moved, started = 0, time.perf_counter()
+            while moved < count:
+                batches = await consumer.getmany(timeout_ms=1000, max_records=1000)
+                acks = [await producer.send(sink, m.value, key=m.key)
+                        for messages in batches.values() for m in messages]
+                await asyncio.gather(*acks)
+                moved += len(acks)
+            seconds = time.perf_counter() - started
+        finally:
+            await consumer.stop()
     return rate_figures(count, seconds)
+
+
+async def faust_floor(bootstrap: str, count: int, *, stage_agent: bool, timeout: float = 600) -> dict:
+    """``count`` messages through a Faust agent of a fresh group, timed from the
+    first message handled to the last: acked only, or (``stage_agent``) forwarded
+    by smi's stage agent to a second topic, every send acked by the broker."""
+    async with _scratch_topics(bootstrap, count) as (_, source, sink):
+        app = create_app(f"bench-floor-{uuid.uuid4().hex[:8]}", Settings(kafka_bootstrap_servers=bootstrap),
+                         datadir=tempfile.mkdtemp(prefix="smi-bench-faust-"))
+        handled, first, all_handled = 0, 0.0, asyncio.Event()
+
+        def one_more() -> None:
+            nonlocal handled, first
+            first = first or time.perf_counter()
+            handled += 1
+            if handled == count:
+                all_handled.set()
+
+        if stage_agent:
+            forward = attach_producer(app, EventProducer(bootstrap, client_id="smi-bench-floor"))
+
+            async def handler(message: SourceMessage) -> None:
+                await forward.send_raw(sink, message.key, message.value)
+                one_more()
+
+            add_stage_agent(app, dataclasses.replace(JOBS_REQUESTED, name=source), handler, forward)
+        else:
+            async def ack_only(stream) -> None:
+                events = stream.noack()
+                async for event in events.events():
+                    one_more()
+                    await events.ack(event)
+
+            app.agent(stage_topic(app, dataclasses.replace(JOBS_REQUESTED, name=source)), name="bench-floor",
+                      concurrency=1)(ack_only)
+        await app.start()
+        try:
+            await asyncio.wait_for(all_handled.wait(), timeout)
+            seconds = time.perf_counter() - first
+        finally:
+            await app.stop()
+        forwarded = await _messages_in(bootstrap, sink)
+    if stage_agent and forwarded != count:
+        raise RuntimeError(f"the stage agent forwarded {forwarded} of {count} messages")
+    return rate_figures(count, seconds)
+
+
+async def _messages_in(bootstrap: str, topic: str) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        return sum(ends.values())
+    finally:
+        await consumer.stop()
 
 
 async def _leaders_elected(producer: AIOKafkaProducer, topics: list[str], timeout: float = 30) -> None:

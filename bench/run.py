@@ -128,8 +128,10 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         await redis.aclose()
     passthrough = results["baselines"].get("kafka_passthrough", {}).get("rate")
+    stage_floor = results["baselines"].get("stage_agent_forward", {}).get("rate")
     for figures in results["stages"].values():
         figures["ratio_to_passthrough"] = ratio(figures.get("rate"), passthrough)
+        figures["ratio_to_stage_floor"] = ratio(figures.get("rate"), stage_floor)
     for phase, entry in results["bottlenecks"].items():
         entry["cpu_ms_per_item"] = cpu_per_item(entry, results["stages"].get(phase, {}).get("count"))
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -157,6 +159,12 @@ async def measure_baselines(args, settings: Settings, redis, results: dict) -> N
     kafka = await baselines.kafka_passthrough(settings.kafka_bootstrap_servers, args.baseline_messages)
     results["baselines"]["kafka_passthrough"] = kafka
     say(f"  aiokafka consume→produce: {kafka['rate']:,.0f} msgs/s")
+    for name, stage_agent, what in (("faust_agent_ack_only", False, "a Faust agent that only acks"),
+                                     ("stage_agent_forward", True, "smi's stage agent forwarding each message")):
+        floor = await baselines.faust_floor(settings.kafka_bootstrap_servers, args.baseline_messages,
+                                            stage_agent=stage_agent)
+        results["baselines"][name] = floor
+        say(f"  {what}: {floor['rate']:,.0f} msgs/s")
     cas = await baselines.redis_cas(redis, args.baseline_messages)
     results["baselines"]["redis_cas"] = cas
     say(f"  redis-py Lua CAS, pipelines of 100: {cas['rate']:,.0f} ops/s")

@@ -2,8 +2,10 @@
 
 `make bench`, `smi bench` or `python -m bench.run [--jobs N] [--out FILE]`. Needs
 the stack (`smi stack up`: Kafka, Redis, stripe-mock) and no other system's stages
-on the broker. Starts `smi run all` itself (PAYMENTS=local, UPSCALER=local,
-its own REDIS_NAMESPACE, an 8×8 input image, its own SMTP sink), measures, stops
+on the broker. Starts `smi run all` itself (PAYMENTS=local, UPSCALER=local, or
+with `--upscaler upsampler` the Upsampler backend against the fake Upsampler
+server answering at once, its callbacks through the gateway; its own
+REDIS_NAMESPACE, an 8×8 input image, its own SMTP sink), measures, stops
 it, and then `smi run checkout` with PAYMENTS=stripe against stripe-mock. Writes
 every figure to a JSON file (default var/bench/<UTC time>.json) and prints tables;
 a figure that misses a target of issue 7 is marked MISSED. Nothing is tuned."""
@@ -59,6 +61,9 @@ def build_parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="the JSON file (default var/bench/<UTC time>.json)")
     parser.add_argument("--baseline-messages", type=int,
                         help="messages and keys of the baselines (max(jobs, 20,000): a shorter one ends in a blink)")
+    parser.add_argument("--upscaler", choices=("local", "upsampler"), default="local",
+                        help="the processor's backend: local (Pillow in worker processes) or upsampler (the "
+                             "production path, against the fake Upsampler server of tests/support, answering at once)")
     parser.add_argument("--paced-jobs", type=int, help="requests of the 1,000/s latency run (min(jobs, 5,000))")
     parser.add_argument("--stripe-jobs", type=int, default=1000,
                         help="requests of the stripe-mock checkout run (1,000)")
@@ -101,7 +106,7 @@ async def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "run_id": run_id,
         "machine": await machine_facts(redis),
-        "config": {"jobs": args.jobs, "paced_jobs": args.paced_jobs, "paced_rate": 1000,
+        "config": {"jobs": args.jobs, "paced_jobs": args.paced_jobs, "paced_rate": 1000, "upscaler": args.upscaler,
                    "baseline_messages": args.baseline_messages,
                    "stripe_jobs": args.stripe_jobs, "parts": args.parts, "kafka": settings.kafka_bootstrap_servers,
                    "redis": settings.redis_url, "system_log": str(args.log)},
@@ -186,9 +191,17 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
     watch = await EventWatch(settings.kafka_bootstrap_servers, [
         JOBS_AWAITING_PAYMENT.name, JOBS_PENDING.name, JOBS_COMPLETED.name, JOBS_FAILED.name,
         JOBS_DEAD_LETTER.name]).start()
-    env = {"PAYMENTS": "local", "UPSCALER": "local", "REDIS_NAMESPACE": namespace, "URL_ALLOW_HOSTS": "127.0.0.1/32",
-           "STRIPE_WEBHOOK_SECRET": secret, "GATEWAY_PORT": str(port), "PUBLIC_BASE_URL": gateway,
-           "METRICS_PORT": "0", "SMTP_URL": sink.url, "STORAGE_DIR": str(storage)}
+    env = {"PAYMENTS": "local", "UPSCALER": args.upscaler, "REDIS_NAMESPACE": namespace,
+           "URL_ALLOW_HOSTS": "127.0.0.1/32", "STRIPE_WEBHOOK_SECRET": secret, "GATEWAY_PORT": str(port),
+           "PUBLIC_BASE_URL": gateway, "METRICS_PORT": "0", "SMTP_URL": sink.url, "STORAGE_DIR": str(storage)}
+    upsampler = None
+    if args.upscaler == "upsampler":
+        # Test support, not a dependency of smi: the bench runs from a checkout.
+        from tests.support.fake_upsampler import DEFAULT_API_KEY, FakeUpsampler
+
+        upsampler = await FakeUpsampler().start()
+        upsampler.script(latency=0.0)
+        env |= {"UPSAMPLER_API_KEY": DEFAULT_API_KEY, "UPSAMPLER_BASE_URL": upsampler.base_url}
     system = await SystemProcess("all", env, args.log).start()
     say(f"  `smi run all` started (pid {system.proc.pid}, namespace {namespace}, log {args.log})")
     stages, most_members = results["stages"], {}
@@ -246,6 +259,8 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
         await watch.stop()
         sink.stop()
         await images.stop()
+        if upsampler is not None:
+            await upsampler.stop()
         shutil.rmtree(storage, ignore_errors=True)
         await table.unlink(redis, await table.namespace_keys(redis, namespace))
 

@@ -33,6 +33,7 @@ from smi.kafka.app import attach_producer, create_app, stage_topic
 from smi.kafka.handling import SourceMessage, add_stage_agent
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
+from smi.stack.topics import delete_namespace
 
 PARTITIONS = 6  # as the stage topics (TOPIC_PARTITIONS)
 MESSAGE = b'{"request_id":"%d","image_url":"http://127.0.0.1/tiny.png","resolution":"2x",' \
@@ -103,8 +104,9 @@ async def faust_floor(bootstrap: str, count: int, *, stage_agent: bool, timeout:
     first message handled to the last: acked only, or (``stage_agent``) forwarded
     by smi's stage agent to a second topic, every send acked by the broker."""
     async with _scratch_topics(bootstrap, count) as (_, source, sink):
-        app = create_app(f"bench-floor-{uuid.uuid4().hex[:8]}", Settings(kafka_bootstrap_servers=bootstrap),
-                         datadir=tempfile.mkdtemp(prefix="smi-bench-faust-"))
+        # A namespace of its own, so the topic Faust makes for the group goes afterwards.
+        settings = Settings(kafka_bootstrap_servers=bootstrap, kafka_namespace=f"bench-floor-{uuid.uuid4().hex[:8]}.")
+        app = create_app("floor", settings, datadir=tempfile.mkdtemp(prefix="smi-bench-faust-"))
         handled, first, all_handled = 0, 0.0, asyncio.Event()
 
         def one_more() -> None:
@@ -137,6 +139,7 @@ async def faust_floor(bootstrap: str, count: int, *, stage_agent: bool, timeout:
             seconds = time.perf_counter() - first
         finally:
             await app.stop()
+            await delete_namespace(settings)
         forwarded = await _messages_in(bootstrap, sink)
     if stage_agent and forwarded != count:
         raise RuntimeError(f"the stage agent forwarded {forwarded} of {count} messages")

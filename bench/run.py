@@ -1,8 +1,10 @@
 """The pipeline under load: throughput, latency, baselines, Redis per job (issue 7).
 
 `make bench`, `smi bench` or `python -m bench.run [--jobs N] [--out FILE]`. Needs
-the stack (`smi stack up`: Kafka, Redis, stripe-mock) and no other system's stages
-on the broker. Starts `smi run all` itself (PAYMENTS=local, UPSCALER=local, or
+the stack (`smi stack up`: Kafka, Redis, stripe-mock). Its systems run in a Kafka
+namespace of the run's own (KAFKA_NAMESPACE, unless set; deleted afterwards), so
+other stages on the broker do not disturb them, though they share its CPU.
+Starts `smi run all` itself (PAYMENTS=local, UPSCALER=local, or
 with `--upscaler upsampler` the Upsampler backend against the fake Upsampler
 server answering at once, its callbacks through the gateway; its own
 REDIS_NAMESPACE, an 8×8 input image, its own SMTP sink), measures, stops
@@ -43,7 +45,7 @@ from smi.jobtable import JobTable, connect
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
 from smi.stack.kafka_broker import kafka_version
-from smi.stack.topics import ensure_topics
+from smi.stack.topics import delete_namespace, ensure_topics
 
 PARTS = ("baselines", "pipeline", "stripe", "table", "janitor")
 NOISE = ("one 2-core machine runs Kafka, Redis, five stage processes and the bench itself, and possibly a CI run "
@@ -100,8 +102,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
 
 
 async def run(args: argparse.Namespace) -> int:
-    settings = Settings()
     run_id = uuid.uuid4().hex[:8]
+    settings = Settings()
+    # The systems it starts run in a Kafka namespace of this run's own (unless one is
+    # set): other stages on the broker (a test session, someone's `smi run all`)
+    # neither take its messages nor share its groups. Its topics go afterwards.
+    own_namespace = not settings.kafka_namespace
+    if own_namespace:
+        settings = settings.model_copy(update={"kafka_namespace": f"bench-{run_id}."})
     redis = connect(settings.redis_url, settings.redis_cluster_nodes)
     results: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "run_id": run_id,
@@ -109,13 +117,14 @@ async def run(args: argparse.Namespace) -> int:
         "config": {"jobs": args.jobs, "paced_jobs": args.paced_jobs, "paced_rate": 1000, "upscaler": args.upscaler,
                    "baseline_messages": args.baseline_messages,
                    "stripe_jobs": args.stripe_jobs, "parts": args.parts, "kafka": settings.kafka_bootstrap_servers,
-                   "redis": settings.redis_url, "system_log": str(args.log)},
+                   "kafka_namespace": settings.kafka_namespace, "redis": settings.redis_url,
+                   "system_log": str(args.log)},
         "stages": {}, "bottlenecks": {}, "baselines": {}, "redis": {"tables": {}}, "janitor": {}, "notes": [NOISE], "errors": []}
     started = time.monotonic()
     try:
         await ensure_topics(settings)
         if {"pipeline", "stripe"} & set(args.parts):
-            await require_idle_stage_groups(settings.kafka_bootstrap_servers)
+            await require_idle_stage_groups(settings.kafka_bootstrap_servers, settings.kafka_names)
         steps = {"baselines": lambda: measure_baselines(args, settings, redis, results),
                  "pipeline": lambda: measure_pipeline(args, settings, redis, run_id, results),
                  "stripe": lambda: measure_stripe_checkout(args, settings, redis, run_id, results),
@@ -132,6 +141,11 @@ async def run(args: argparse.Namespace) -> int:
                 say(f"  [red]{part} failed: {type(exc).__name__}: {exc}[/]")
     finally:
         await redis.aclose()
+        if own_namespace:
+            try:
+                await delete_namespace(settings)
+            except Exception as exc:  # a leftover costs disk, not correctness
+                say(f"[yellow]could not delete the topics of {settings.kafka_namespace}: {type(exc).__name__}[/]")
     passthrough = results["baselines"].get("kafka_passthrough", {}).get("rate")
     stage_floor = results["baselines"].get("stage_agent_forward", {}).get("rate")
     for figures in results["stages"].values():
@@ -190,8 +204,9 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
     sink = MailSink().start()
     watch = await EventWatch(settings.kafka_bootstrap_servers, [
         JOBS_AWAITING_PAYMENT.name, JOBS_PENDING.name, JOBS_COMPLETED.name, JOBS_FAILED.name,
-        JOBS_DEAD_LETTER.name]).start()
+        JOBS_DEAD_LETTER.name], settings.kafka_names).start()
     env = {"PAYMENTS": "local", "UPSCALER": args.upscaler, "REDIS_NAMESPACE": namespace,
+           "KAFKA_NAMESPACE": settings.kafka_namespace,
            "URL_ALLOW_HOSTS": "127.0.0.1/32", "STRIPE_WEBHOOK_SECRET": secret, "GATEWAY_PORT": str(port),
            "PUBLIC_BASE_URL": gateway, "METRICS_PORT": "0", "SMTP_URL": sink.url, "STORAGE_DIR": str(storage)}
     upsampler = None
@@ -304,7 +319,8 @@ async def watch_group_members(settings: Settings, most: dict[str, int], every: f
     more means someone else's stages joined during the run and shared our partitions."""
     while True:
         try:
-            for group, members in (await stage_group_members(settings.kafka_bootstrap_servers)).items():
+            for group, members in (await stage_group_members(settings.kafka_bootstrap_servers,
+                                                             settings.kafka_names)).items():
                 most[group] = max(most.get(group, 0), members)
         except Exception:  # a missed sample is no reason to stop measuring
             pass
@@ -320,8 +336,10 @@ def foreign_members_note(most: dict[str, int], results: dict) -> None:
 
 async def measure_stripe_checkout(args, settings: Settings, redis, run_id: str, results: dict) -> None:
     namespace = f"bench{run_id}s:"
-    watch = await EventWatch(settings.kafka_bootstrap_servers, [JOBS_AWAITING_PAYMENT.name]).start()
+    watch = await EventWatch(settings.kafka_bootstrap_servers, [JOBS_AWAITING_PAYMENT.name],
+                             settings.kafka_names).start()
     env = {"PAYMENTS": "stripe", "STRIPE_API_BASE": args.stripe_mock, "STRIPE_API_KEY": "sk_test_123",
+           "KAFKA_NAMESPACE": settings.kafka_namespace,
            "REDIS_NAMESPACE": namespace, "URL_ALLOW_HOSTS": "127.0.0.1/32", "METRICS_PORT": "0"}
     system = await SystemProcess("checkout", env, args.log).start()
     say(f"  `smi run checkout` with PAYMENTS=stripe against {args.stripe_mock} (pid {system.proc.pid})")

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiosmtpd.controller import Controller
 from PIL import Image
 
+from smi.kafka.names import DEFAULT, KafkaNames
 from smi.ops.lag import STAGE_SOURCE_TOPICS, sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,20 +40,21 @@ class StageGroupsBusy(RuntimeError):
     pass
 
 
-async def stage_group_members(bootstrap: str) -> dict[str, int]:
-    return {g.group: g.members for g in await sample(bootstrap, list(STAGE_SOURCE_TOPICS))}
+async def stage_group_members(bootstrap: str, names: KafkaNames = DEFAULT) -> dict[str, int]:
+    return {g.group: g.members for g in await sample(bootstrap, list(STAGE_SOURCE_TOPICS), names=names)}
 
 
-async def require_idle_stage_groups(bootstrap: str) -> None:
-    """The stages' consumer groups are their names: a second system on the same
-    broker (a CI run's e2e stages, someone's `smi run all`) would share partitions
-    with ours, handle our messages with its own job table, and be disturbed by ours."""
-    busy = {group: n for group, n in (await stage_group_members(bootstrap)).items() if n}
+async def require_idle_stage_groups(bootstrap: str, names: KafkaNames = DEFAULT) -> None:
+    """The stages' consumer groups are their names (in KAFKA_NAMESPACE): a second
+    system on the same broker and namespace (a CI run's e2e stages, someone's `smi
+    run all`) would share partitions with ours, handle our messages with its own job
+    table, and be disturbed by ours."""
+    busy = {group: n for group, n in (await stage_group_members(bootstrap, names)).items() if n}
     if busy:
         raise StageGroupsBusy(
             "consumer groups in use on " + bootstrap + ": " + ", ".join(f"{g} ({n} members)" for g, n in busy.items())
             + ". Another system is running its stages on this broker; wait until it stops, or point "
-              "KAFKA_BOOTSTRAP_SERVERS at a broker of your own.")
+              "KAFKA_BOOTSTRAP_SERVERS at a broker of your own, or set a KAFKA_NAMESPACE of your own.")
 
 
 class SystemProcess:
@@ -163,11 +165,12 @@ class MailSink:
 class EventWatch:
     """Reads ``topics`` from their end offsets at start() on, without a consumer
     group, and keeps the first event per job: ``first[topic][job_id] = (Kafka
-    timestamp in epoch seconds, event)``. Events of other systems are kept too;
-    callers look up their own job ids."""
+    timestamp in epoch seconds, event)``, topics by their registry names (read in
+    ``names``' KAFKA_NAMESPACE). Events of other systems are kept too; callers look
+    up their own job ids."""
 
-    def __init__(self, bootstrap: str, topics: Sequence[str]):
-        self.bootstrap, self.topics = bootstrap, list(topics)
+    def __init__(self, bootstrap: str, topics: Sequence[str], names: KafkaNames = DEFAULT):
+        self.bootstrap, self.topics, self.names = bootstrap, list(topics), names
         self.first: dict[str, dict[str, tuple[float, dict]]] = {t: {} for t in self.topics}
         self.by_request: dict[str, tuple[float, dict]] = {}  # jobs.awaiting_payment by data.request_id
         self.dead_letters: list[dict] = []
@@ -179,7 +182,8 @@ class EventWatch:
                                           fetch_max_wait_ms=20, max_partition_fetch_bytes=8 * 1024 * 1024)
         await self._consumer.start()
         cluster = await self._consumer._client.fetch_all_metadata()
-        partitions = [TopicPartition(t, p) for t in self.topics for p in cluster.partitions_for_topic(t) or ()]
+        topics = [self.names.topic(t) for t in self.topics]
+        partitions = [TopicPartition(t, p) for t in topics for p in cluster.partitions_for_topic(t) or ()]
         self._consumer.assign(partitions)
         for tp, end in (await self._consumer.end_offsets(partitions)).items():
             self._consumer.seek(tp, end)
@@ -191,7 +195,7 @@ class EventWatch:
             batches = await self._consumer.getmany(timeout_ms=100, max_records=5000)
             for tp, messages in batches.items():
                 for m in messages:
-                    self._keep(tp.topic, m.timestamp / 1000, m.value)
+                    self._keep(self.names.local(tp.topic), m.timestamp / 1000, m.value)
 
     def _keep(self, topic: str, at: float, raw: bytes | None) -> None:
         try:

@@ -244,9 +244,10 @@ def cmd_revenue(args: argparse.Namespace) -> int:
 
 def cmd_lag(args: argparse.Namespace) -> int:
     _quiet_kafka_client()
-    bootstrap = Settings().kafka_bootstrap_servers
+    settings = Settings()
+    bootstrap, names = settings.kafka_bootstrap_servers, settings.kafka_names
     if not args.watch:
-        groups = asyncio.run(measure(bootstrap))
+        groups = asyncio.run(measure(bootstrap, names=names))
         if args.json:
             _print_json([dataclasses.asdict(group) for group in groups])
         else:
@@ -255,11 +256,11 @@ def cmd_lag(args: argparse.Namespace) -> int:
 
     async def follow() -> None:
         if args.json:  # one JSON document per line and refresh (JSON Lines)
-            async for groups in watch(bootstrap):
+            async for groups in watch(bootstrap, names=names):
                 print(json.dumps([dataclasses.asdict(group) for group in groups]), flush=True)
             return
         with Live(auto_refresh=False) as live:
-            async for groups in watch(bootstrap):
+            async for groups in watch(bootstrap, names=names):
                 live.update(lag_tables(groups), refresh=True)
 
     try:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from mode import Service
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from smi.kafka.names import DEFAULT, KafkaNames
 from smi.ops.lag import OffsetReader
 
 if TYPE_CHECKING:
@@ -141,9 +142,10 @@ class GaugeRefresher(Service):
     the stage runs. A failed refresh keeps the last values and says why in the log;
     the stage goes on either way."""
 
-    def __init__(self, group: str, table: JobTable, bootstrap_servers: str, **kwargs):
+    def __init__(self, stage: str, table: JobTable, bootstrap_servers: str, names: KafkaNames = DEFAULT, **kwargs):
         super().__init__(**kwargs)
-        self.group = group
+        self.stage = stage
+        self.names = names
         self.table = table
         self.bootstrap_servers = bootstrap_servers
         # Kafka clients stay open between refreshes; made on first use (aiokafka
@@ -173,13 +175,14 @@ class GaugeRefresher(Service):
     async def refresh_lag(self) -> None:
         try:
             if self._offsets is None:
-                self._offsets = await self._offsets_open.enter_async_context(OffsetReader(self.bootstrap_servers))
-            [sample] = await asyncio.wait_for(self._offsets.read([self.group]), REFRESH_SECONDS)
+                self._offsets = await self._offsets_open.enter_async_context(
+                    OffsetReader(self.bootstrap_servers, self.names))
+            [sample] = await asyncio.wait_for(self._offsets.read([self.stage]), REFRESH_SECONDS)
         except Exception as exc:
             log.warning("could not read consumer lag for metrics: %s: %s", type(exc).__name__, exc)
             await self._close_offsets()
             return
-        labels = {(self.group, p.topic, str(p.partition)): p.lag for p in sample.partitions}
+        labels = {(sample.group, p.topic, str(p.partition)): p.lag for p in sample.partitions}
         for key, lag in labels.items():
             CONSUMER_LAG.labels(*key).set(lag)
         # Partitions that are gone (a deleted topic) stop being reported.

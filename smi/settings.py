@@ -15,6 +15,7 @@ from typing import Annotated
 from schemas.money import MARKUP_RANGE
 from schemas.requests import DEFAULT_RESOLUTIONS, RequestPolicy
 from schemas.urls import HostAllowList
+from smi.kafka.names import KafkaNames, check_namespace
 
 STAGE_METRICS_PORTS = {"checkout": 9101, "processor": 9102, "notifier": 9103, "janitor": 9104}
 
@@ -23,6 +24,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    # In front of every topic and consumer group (smi/kafka/names.py).
+    kafka_namespace: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     # A comma-separated list of host:port seeds turns on Redis Cluster mode.
     redis_cluster_nodes: str = ""
@@ -103,6 +106,11 @@ class Settings(BaseSettings):
             raise ValueError("at least one resolution must be offered")
         return value
 
+    @field_validator("kafka_namespace")
+    @classmethod
+    def _kafka_namespace(cls, value: str) -> str:
+        return check_namespace(value)
+
     @field_validator("smtp_url")
     @classmethod
     def _smtp(cls, value: str) -> str:
@@ -117,6 +125,10 @@ class Settings(BaseSettings):
         if self.payments == "stripe":
             return min(max(self.payment_timeout_minutes, 30), 24 * 60)
         return self.payment_timeout_minutes
+
+    @property
+    def kafka_names(self) -> KafkaNames:
+        return KafkaNames(self.kafka_namespace)
 
     @property
     def request_policy(self) -> RequestPolicy:

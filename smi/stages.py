@@ -43,7 +43,7 @@ def run_stage(stage: str, settings: Settings, *, loglevel: str = "info") -> None
     start_metrics_server(settings.metrics_port_for(stage), host=settings.metrics_host)
     # The stage's table lives inside its handlers; the gauges read through a small client of their own.
     table = open_table(settings, max_connections=2)
-    app.add_dependency(GaugeRefresher(stage, table, settings.kafka_bootstrap_servers))
+    app.add_dependency(GaugeRefresher(stage, table, settings.kafka_bootstrap_servers, settings.kafka_names))
     record_gc_pauses()
     freeze_startup_heap()
     # The Worker sets logging up again when it starts: hand it the same configuration.

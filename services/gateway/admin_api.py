@@ -83,7 +83,8 @@ async def publish_command(ctx: GatewayContext, command: str, job_id: str, *, req
 async def measure_lag(ctx: GatewayContext) -> list[lag.GroupLag]:
     try:
         return await asyncio.wait_for(lag.measure(ctx.settings.kafka_bootstrap_servers,
-                                                  window_seconds=LAG_WINDOW_SECONDS), LAG_TIMEOUT_SECONDS)
+                                                  window_seconds=LAG_WINDOW_SECONDS, names=ctx.settings.kafka_names),
+                                      LAG_TIMEOUT_SECONDS)
     except Exception as exc:
         log.warning("could not measure consumer lag: %s", type(exc).__name__)
         raise Unavailable("Kafka unavailable, retry later") from exc

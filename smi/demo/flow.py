@@ -124,10 +124,10 @@ async def _publish_and_wait_for_checkout(settings: Settings, request: dict, time
     try:
         # consumer.topics() returns metadata without keeping it; ask the client directly.
         cluster = await consumer._client.fetch_all_metadata()
-        partitions = [TopicPartition(JOBS_AWAITING_PAYMENT.name, p)
-                      for p in cluster.partitions_for_topic(JOBS_AWAITING_PAYMENT.name) or ()]
+        topic = settings.kafka_names.topic(JOBS_AWAITING_PAYMENT)
+        partitions = [TopicPartition(topic, p) for p in cluster.partitions_for_topic(topic) or ()]
         if not partitions:
-            raise DemoFailed(f"topic {JOBS_AWAITING_PAYMENT.name} does not exist (run `smi topics create`)")
+            raise DemoFailed(f"topic {topic} does not exist (run `smi topics create`)")
         consumer.assign(partitions)
         for tp, end in (await consumer.end_offsets(partitions)).items():
             consumer.seek(tp, end)

@@ -11,6 +11,7 @@ from faust.types import TopicT
 from mode import Service
 
 from schemas.topics import TopicSpec
+from smi.kafka.names import DEFAULT, KafkaNames
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
 
@@ -27,7 +28,8 @@ def broker_urls(bootstrap_servers: str) -> list[str]:
 
 
 def create_app(stage: str, settings: Settings, **overrides: Any) -> faust.App:
-    """The Faust app of one stage; its id, and so its consumer group, is the stage name."""
+    """The Faust app of one stage; its id, and so its consumer group, is the stage
+    name in the deployment's KAFKA_NAMESPACE."""
     options: dict[str, Any] = dict(
         broker=broker_urls(settings.kafka_bootstrap_servers),
         # The job table lives in Redis: no Faust tables, so no RocksDB and no
@@ -61,13 +63,13 @@ def create_app(stage: str, settings: Settings, **overrides: Any) -> faust.App:
         value_serializer="raw",
     )
     options.update(overrides)
-    return faust.App(stage, **options)
+    return faust.App(settings.kafka_names.group(stage), **options)
 
 
-def stage_topic(app: faust.App, spec: TopicSpec) -> TopicT:
+def stage_topic(app: faust.App, spec: TopicSpec, names: KafkaNames = DEFAULT) -> TopicT:
     """A registry topic as raw bytes, declared by whoever owns the cluster, not by Faust."""
     return app.topic(
-        spec.name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+        names.topic(spec), key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
         internal=False,
         # Without it Faust drops a record whose value is null (a tombstone) before
         # the agent sees it: a silent skip. With it the handler sees None and the

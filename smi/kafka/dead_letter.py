@@ -13,8 +13,6 @@ from schemas.events import DeadLetter
 from schemas.topics import JOBS_DEAD_LETTER, TopicSpec
 
 if TYPE_CHECKING:
-    from faust.types import EventT
-
     from smi.kafka.producer import EventProducer
 
 logger = logging.getLogger(__name__)
@@ -139,11 +137,3 @@ async def dead_letter(producer: EventProducer, *, stage: str, source_topic: str,
                    "offset=%s", type(failure).__name__, stage, source_topic, partition, offset)
     short_key, letter = last_resort_dead_letter(**where, key=key, value=value, error=error, failure=failure)
     await producer.send(spec, short_key, letter)
-
-
-async def dead_letter_from_event(producer: EventProducer, event: EventT, *, stage: str, error: str,
-                                 topic: str = JOBS_DEAD_LETTER.name) -> None:
-    """``dead_letter`` for a Faust event: its raw key and value, where it was read from."""
-    message = event.message
-    await dead_letter(producer, stage=stage, source_topic=message.topic, partition=message.partition,
-                      offset=message.offset, key=message.key, value=message.value, error=error, topic=topic)

@@ -36,6 +36,7 @@ from schemas.topics import JOBS_DEAD_LETTER, TopicSpec
 from schemas.urls import UnsafeURL
 from smi import metrics
 from smi.kafka.app import stage_topic
+from smi.kafka.names import DEFAULT, KafkaNames
 from smi.errors import PermanentError, TransientError
 from smi.kafka.dead_letter import dead_letter
 
@@ -97,9 +98,10 @@ class SourceMessage:
     value: bytes | None
 
     @classmethod
-    def from_event(cls, event: EventT) -> SourceMessage:
+    def from_event(cls, event: EventT, names: KafkaNames = DEFAULT) -> SourceMessage:
+        """The record of ``event``, its topic by its registry name (without the namespace)."""
         message = event.message
-        return cls(message.topic, message.partition, message.offset, message.key, message.value)
+        return cls(names.local(message.topic), message.partition, message.offset, message.key, message.value)
 
 
 Handler = Callable[[SourceMessage], Awaitable[object]]
@@ -218,7 +220,8 @@ def add_stage_agent(app: faust.App, spec: TopicSpec, handler: Handler, producer:
     travel together instead of one round trip after another. Every message of the
     batch is acked only after the whole batch has settled (handled, or its dead
     letter on the broker), so a commit never passes a message still in hand."""
-    stage = app.conf.name
+    names = producer.names
+    stage = names.local(app.conf.name)  # the stage, without the deployment's namespace
 
     async def settle(message: SourceMessage) -> None:
         started = time.monotonic()
@@ -230,20 +233,20 @@ def add_stage_agent(app: faust.App, spec: TopicSpec, handler: Handler, producer:
         manual = stream.noack()
         async with aclosing(_batches(manual.events(), batch_size)) as batches:
             async for batch in batches:
-                await asyncio.gather(*(_in_order(settle, messages) for messages in _by_key(batch).values()))
+                await asyncio.gather(*(_in_order(settle, messages) for messages in _by_key(batch, names).values()))
                 metrics.batch(stage, spec.name, len(batch))
                 for event in batch:
                     await manual.ack(event)
 
-    return app.agent(stage_topic(app, spec), name=f"{stage}.{spec.name}", concurrency=1)(consume)
+    return app.agent(stage_topic(app, spec, names), name=f"{stage}.{spec.name}", concurrency=1)(consume)
 
 
-def _by_key(batch: list[EventT]) -> dict[object, list[SourceMessage]]:
+def _by_key(batch: list[EventT], names: KafkaNames) -> dict[object, list[SourceMessage]]:
     """The batch's messages grouped by key, each group in offset order; a message
     without a key is a group of its own."""
     groups: dict[object, list[SourceMessage]] = {}
     for index, event in enumerate(batch):
-        message = SourceMessage.from_event(event)
+        message = SourceMessage.from_event(event, names)
         groups.setdefault(message.key if message.key is not None else index, []).append(message)
     return groups
 

@@ -13,6 +13,8 @@ Stages publish through an EventProducer too, not through Faust's producer
 
 One producer per process is enough: coroutines share it, and their sends are
 batched together. ``smi.kafka.app.attach_producer`` ties its lifetime to a Faust app.
+Topics are named as in the registry; the producer puts its deployment's
+KAFKA_NAMESPACE in front (smi.kafka.names).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from aiokafka.structs import RecordMetadata
 from pydantic import BaseModel
 
 from schemas.topics import TopicSpec
+from smi.kafka.names import DEFAULT, KafkaNames
 from smi.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,9 @@ class EventProducer:
     """An idempotent ``acks=all`` producer whose sends return after the broker's ack."""
 
     def __init__(self, bootstrap_servers: str, *, client_id: str = "smi", linger_ms: int = 5,
-                 max_request_size: int = 1024 * 1024, request_timeout_ms: int = 40_000):
+                 max_request_size: int = 1024 * 1024, request_timeout_ms: int = 40_000,
+                 names: KafkaNames = DEFAULT):
+        self.names = names
         self._options = dict(
             bootstrap_servers=bootstrap_servers, client_id=client_id, acks="all",
             enable_idempotence=True, linger_ms=linger_ms, max_request_size=max_request_size,
@@ -83,6 +88,7 @@ class EventProducer:
     @classmethod
     def from_settings(cls, settings: Settings, *, client_id: str = "smi", **options: Any) -> EventProducer:
         options.setdefault("max_request_size", settings.max_message_bytes)
+        options.setdefault("names", settings.kafka_names)
         return cls(settings.kafka_bootstrap_servers, client_id=client_id, **options)
 
     async def start(self) -> None:
@@ -161,7 +167,8 @@ class EventProducer:
         shared requests (one round trip per partition leader, not per message).
         If one fails the others may already be written: callers retry the batch
         and consumers drop repeats by event id."""
-        encoded = [(spec.name, encode_key(key), encode_value(spec, value)) for spec, key, value in messages]
+        encoded = [(self.names.topic(spec), encode_key(key), encode_value(spec, value))
+                   for spec, key, value in messages]
         producer = self._started
         try:
             acks = [await producer.send(topic, value, key=key) for topic, key, value in encoded]
@@ -171,10 +178,11 @@ class EventProducer:
             raise
 
     async def send_raw(self, topic: str, key: bytes | None, value: bytes | None) -> RecordMetadata:
-        """Bytes as given, for upstream-simulating tests and verbatim forwarding."""
+        """Bytes as given, for upstream-simulating tests and verbatim forwarding;
+        ``topic`` by its registry name."""
         producer = self._started
         try:
-            return await producer.send_and_wait(topic, value, key=key)
+            return await producer.send_and_wait(self.names.topic(topic), value, key=key)
         except KafkaError:
             await self._replace_if_dead(producer)
             raise

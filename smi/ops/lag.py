@@ -20,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.topics import (JOBS_COMMANDS, JOBS_COMPLETED, JOBS_EXPIRING, JOBS_FAILED, JOBS_PENDING, JOBS_REQUESTED,
                             PAYMENTS_EVENTS, PAYMENTS_REFUNDS, UPSCALER_EVENTS)
+from smi.kafka.names import DEFAULT, KafkaNames
 
 # The consumer group of each stage (its Faust app id) and the topics it reads, so a
 # stage that has not committed anything yet still shows what waits for it.
@@ -98,9 +99,12 @@ def _partition_status(history: list[PartitionLag]) -> str:
 
 
 class OffsetReader:
-    """Admin and group-less consumer clients, kept open across the samples of a window."""
+    """Admin and group-less consumer clients, kept open across the samples of a window.
+    Groups are asked for by stage name and reported, with their topics, by the
+    broker's names (in ``names``' KAFKA_NAMESPACE)."""
 
-    def __init__(self, bootstrap: str):
+    def __init__(self, bootstrap: str, names: KafkaNames = DEFAULT):
+        self.names = names
         self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
 
@@ -119,25 +123,28 @@ class OffsetReader:
         finally:
             await self._admin.close()
 
-    async def read(self, groups: Sequence[str]) -> list[GroupSample]:
-        """One sample of each group, in the order given."""
-        committed = {group: await self._committed(group) for group in groups}
-        topics = {group: {tp.topic for tp in committed[group]} | set(STAGE_SOURCE_TOPICS.get(group, ()))
-                  for group in groups}
+    async def read(self, stages: Sequence[str]) -> list[GroupSample]:
+        """One sample of each stage's group, in the order given."""
+        groups = {stage: self.names.group(stage) for stage in stages}
+        committed = {stage: await self._committed(groups[stage]) for stage in stages}
+        topics = {stage: {tp.topic for tp in committed[stage]}
+                  | {self.names.topic(t) for t in STAGE_SOURCE_TOPICS.get(stage, ())}
+                  for stage in stages}
         partitions = await self._partitions(set().union(*topics.values()))
         every = [tp for tps in partitions.values() for tp in tps]
         starts = await self._consumer.beginning_offsets(every) if every else {}
         ends = await self._consumer.end_offsets(every) if every else {}
         samples = []
-        for group in groups:
+        for stage in stages:
             rows = []
-            for topic in sorted(topics[group]):
+            for topic in sorted(topics[stage]):
                 for tp in partitions.get(topic, []):
-                    offset = committed[group].get(tp)
+                    offset = committed[stage].get(tp)
                     # Where the group reads next: its commit, or the log start when it has
                     # none or its commit fell off the log (stages reset to earliest).
                     position = max(offset, starts[tp]) if offset is not None else starts[tp]
                     rows.append(PartitionLag(tp.topic, tp.partition, offset, ends[tp], max(0, ends[tp] - position)))
+            group = groups[stage]
             samples.append(GroupSample(group, await self._members(group), sum(r.lag for r in rows), rows))
         return samples
 
@@ -167,27 +174,28 @@ def _groups_or_stages(groups: Sequence[str] | None) -> list[str]:
     return list(groups) if groups else list(STAGE_SOURCE_TOPICS)
 
 
-async def sample(bootstrap: str, groups: Sequence[str] | None = None) -> list[GroupSample]:
-    """One reading of ``groups`` (default: the four stage groups)."""
-    async with OffsetReader(bootstrap) as reader:
+async def sample(bootstrap: str, groups: Sequence[str] | None = None, *,
+                 names: KafkaNames = DEFAULT) -> list[GroupSample]:
+    """One reading of the groups of the stages ``groups`` (default: the four)."""
+    async with OffsetReader(bootstrap, names) as reader:
         return await reader.read(_groups_or_stages(groups))
 
 
 async def measure(bootstrap: str, groups: Sequence[str] | None = None, *, window_seconds: float = 2.0,
-                  samples: int = 3) -> list[GroupLag]:
+                  samples: int = 3, names: KafkaNames = DEFAULT) -> list[GroupLag]:
     """``samples`` readings spread evenly over ``window_seconds``, judged by status_of;
     offsets and lag are those of the last reading."""
     if samples < 2:
         raise ValueError("a status needs movement: take at least 2 samples")
     if window_seconds <= 0:
         raise ValueError("the window must be longer than 0 seconds")
-    names = _groups_or_stages(groups)
+    stages = _groups_or_stages(groups)
     readings: list[list[GroupSample]] = []
-    async with OffsetReader(bootstrap) as reader:
+    async with OffsetReader(bootstrap, names) as reader:
         for index in range(samples):
             if index:
                 await asyncio.sleep(window_seconds / (samples - 1))
-            readings.append(await reader.read(names))
+            readings.append(await reader.read(stages))
     return [_judged(list(window)) for window in zip(*readings)]
 
 
@@ -197,17 +205,17 @@ def _judged(window: list[GroupSample]) -> GroupLag:
 
 
 async def watch(bootstrap: str, groups: Sequence[str] | None = None, *, every_seconds: float = 2.0,
-                samples: int = 3) -> AsyncIterator[list[GroupLag]]:
+                samples: int = 3, names: KafkaNames = DEFAULT) -> AsyncIterator[list[GroupLag]]:
     """A reading every ``every_seconds``, each judged over the last ``samples`` readings
     (one client connection for the whole watch); the first result comes with the
     second reading. Runs until cancelled."""
     if samples < 2:
         raise ValueError("a status needs movement: take at least 2 samples")
-    names = _groups_or_stages(groups)
+    stages = _groups_or_stages(groups)
     recent: deque[list[GroupSample]] = deque(maxlen=samples)
-    async with OffsetReader(bootstrap) as reader:
+    async with OffsetReader(bootstrap, names) as reader:
         while True:
-            recent.append(await reader.read(names))
+            recent.append(await reader.read(stages))
             if len(recent) > 1:
                 yield [_judged(list(window)) for window in zip(*recent)]
             await asyncio.sleep(every_seconds)

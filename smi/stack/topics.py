@@ -26,18 +26,39 @@ def topic_configs(spec: TopicSpec) -> dict[str, str]:
 
 
 async def ensure_topics(settings: Settings) -> list[str]:
-    """Creates the topics of ALL_TOPICS that do not exist yet and brings the
-    overrides of existing ones up to the registry; returns the created names."""
+    """Creates the topics of ALL_TOPICS (in KAFKA_NAMESPACE) that do not exist yet and
+    brings the overrides of existing ones up to the registry; returns the created
+    names, as the broker has them."""
+    names = settings.kafka_names
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
     await admin.start()
     try:
         created = await create_missing(admin, [
-            NewTopic(spec.name, settings.topic_partitions, settings.topic_replication,
+            NewTopic(names.topic(spec), settings.topic_partitions, settings.topic_replication,
                      topic_configs=topic_configs(spec))
             for spec in ALL_TOPICS
         ])
-        await _update_overrides(admin, [spec for spec in ALL_TOPICS if spec.name not in created])
+        await _update_overrides(admin, {names.topic(spec): spec for spec in ALL_TOPICS
+                                        if names.topic(spec) not in created})
         return created
+    finally:
+        await admin.close()
+
+
+async def delete_namespace(settings: Settings) -> list[str]:
+    """Deletes every topic of KAFKA_NAMESPACE: the registry's and those Faust made for
+    the namespace's groups (``<group>-__assignor-__leader``). The groups themselves
+    expire with their offsets. Refuses the empty namespace (that would be every topic)."""
+    namespace = settings.kafka_namespace
+    if not namespace:
+        raise ValueError("no KAFKA_NAMESPACE: refusing to delete topics")
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        doomed = sorted(t for t in await admin.list_topics() if t.startswith(namespace))
+        if doomed:
+            await admin.delete_topics(doomed)
+        return doomed
     finally:
         await admin.close()
 
@@ -60,10 +81,10 @@ async def create_missing(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> 
     return created
 
 
-async def _update_overrides(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
-    """Sets the registry's overrides on topics created before the registry asked
-    for them (e.g. a larger max.message.bytes)."""
-    wanted = {spec.name: topic_configs(spec) for spec in specs if topic_configs(spec)}
+async def _update_overrides(admin: AIOKafkaAdminClient, specs: dict[str, TopicSpec]) -> None:
+    """Sets the registry's overrides on topics (by the broker's name) created before
+    the registry asked for them (e.g. a larger max.message.bytes)."""
+    wanted = {name: topic_configs(spec) for name, spec in specs.items() if topic_configs(spec)}
     if not wanted:
         return
     responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name) for name in wanted])

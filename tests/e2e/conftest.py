@@ -5,6 +5,13 @@ One set of processes serves the whole session: stages of one consumer group shar
 the contract's topics, so every test works on its own jobs (unique request ids)
 in a session-wide Redis namespace, and asserts on those jobs only.
 
+The session's Kafka topics and consumer groups are in a namespace of its own too
+(KAFKA_NAMES, smi/kafka/names.py), created at its start and deleted at its end: two
+sessions on one broker, or a session next to a bench or a dev's `smi run all`,
+never take each other's messages nor join each other's groups. Tests speak of
+topics by their registry names and of groups by stage names, and pass KAFKA_NAMES
+wherever they reach the broker themselves (drained, group_lag, raw aiokafka).
+
 Scale-out mode (issue 7, `make test-scale`), switched by the environment:
 E2E_WORKERS=N runs every Faust stage (checkout, processor, notifier, janitor) as N
 processes in its consumer group (a stage fixture is then one StageProcess of N
@@ -25,9 +32,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.topics import ALL_TOPICS, JOBS_REQUESTED
 from smi.jobtable import JobTable, connect
+from smi.kafka.names import KafkaNames
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
-from smi.stack.topics import ensure_topics
+from smi.stack.topics import delete_namespace, ensure_topics
 from tests.support.kafka_watch import TopicWatcher, eventually
 from tests.support.processes import StageProcess
 from tests.support.redis_cluster import LocalRedisCluster
@@ -40,6 +48,10 @@ WEBHOOK_SECRET = "whsec_e2e_" + uuid.uuid4().hex
 SHARDS = 8
 WORKERS = int(os.environ.get("E2E_WORKERS", "1"))  # processes per Faust stage
 REDIS_CLUSTER = os.environ.get("E2E_REDIS_CLUSTER", "").strip() not in ("", "0")
+SESSION = uuid.uuid4().hex[:10]  # names the session's Redis and Kafka namespaces alike
+# Immutable and e2e's own: integration tests in the same pytest process keep the
+# plain names (kafka_watch's default).
+KAFKA_NAMES = KafkaNames(f"e2e{SESSION}.")
 
 
 def free_port() -> int:
@@ -50,7 +62,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def namespace() -> str:
-    return f"e2e{uuid.uuid4().hex[:10]}:"
+    return f"e2e{SESSION}:"
 
 
 @pytest.fixture(scope="session")
@@ -88,9 +100,13 @@ def redis_cluster_nodes(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def stage_env(namespace, stripe_proxy, gateway_port, storage_dir, redis_cluster_nodes) -> dict[str, str]:
+def stage_env(namespace, stripe_proxy, gateway_port, storage_dir, redis_cluster_nodes,
+              topics_ready) -> dict[str, str]:
+    """Every stage process's environment. After topics_ready, so the namespace's topics
+    exist before a stage starts and are deleted only once every stage has stopped."""
     return {"STORAGE_DIR": str(storage_dir),
-        "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "REDIS_URL": REDIS_URL, "REDIS_CLUSTER_NODES": redis_cluster_nodes,
+        "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "KAFKA_NAMESPACE": KAFKA_NAMES.namespace,
+        "REDIS_URL": REDIS_URL, "REDIS_CLUSTER_NODES": redis_cluster_nodes,
         "REDIS_NAMESPACE": namespace,
         "REDIS_SHARDS": str(SHARDS), "PAYMENTS": "stripe", "STRIPE_API_BASE": stripe_proxy.url,
         "STRIPE_API_KEY": "sk_test_123", "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
@@ -101,13 +117,18 @@ def stage_env(namespace, stripe_proxy, gateway_port, storage_dir, redis_cluster_
 
 @pytest.fixture(scope="session")
 async def topics_ready():
-    await ensure_topics(Settings(kafka_bootstrap_servers=KAFKA))
+    """The session's topics; deleted at its end (with the leader topics Faust made for
+    its groups)."""
+    settings = Settings(kafka_bootstrap_servers=KAFKA, kafka_namespace=KAFKA_NAMES.namespace)
+    await ensure_topics(settings)
+    yield
+    await delete_namespace(settings)
 
 
 @pytest.fixture(scope="session")
 async def watcher(topics_ready):
     """Sees every message produced on the contract's topics from session start."""
-    w = await TopicWatcher(KAFKA, [t.name for t in ALL_TOPICS]).start()
+    w = await TopicWatcher(KAFKA, [t.name for t in ALL_TOPICS], names=KAFKA_NAMES).start()
     yield w
     await w.stop()
 
@@ -127,7 +148,8 @@ def table(redis_client, namespace) -> JobTable:
 
 @pytest.fixture(scope="session")
 async def producer(topics_ready):
-    async with EventProducer(KAFKA, client_id="e2e-tests", max_request_size=16 * 1024 * 1024) as p:
+    async with EventProducer(KAFKA, client_id="e2e-tests", max_request_size=16 * 1024 * 1024,
+                             names=KAFKA_NAMES) as p:
         yield p
 
 
@@ -169,8 +191,10 @@ def stage_process(stage: str, env: dict[str, str], logdir) -> StageProcess:
     return StageProcess(stage, env, logdir, workers=WORKERS)
 
 
-async def group_members(group: str) -> tuple[str, int]:
-    """The consumer group's state and its number of members, as the broker has them."""
+async def group_members(stage: str) -> tuple[str, int]:
+    """The state of a stage's consumer group (in the session's namespace) and its
+    number of members, as the broker has them."""
+    group = KAFKA_NAMES.group(stage)
     admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
     await admin.start()
     try:
@@ -186,9 +210,9 @@ async def group_members(group: str) -> tuple[str, int]:
 
 async def joined(stage: StageProcess, *, timeout: float = 90) -> None:
     """Wait until every worker of ``stage`` is in its consumer group (named after the
-    stage) and the group is stable with exactly them: no rebalance to come from
-    their start, nor a member left over from a killed process (one leaves when its
-    session times out)."""
+    stage, in the session's namespace) and the group is stable with exactly them: no
+    rebalance to come from their start, nor a member left over from a killed process
+    (one leaves when its session times out)."""
     async def settled():
         if not stage.alive:
             raise AssertionError(f"{stage.stage} exited while joining:\n{stage.log_tail()}")
@@ -196,7 +220,8 @@ async def joined(stage: StageProcess, *, timeout: float = 90) -> None:
     try:
         await eventually(settled, timeout=timeout, interval=0.5)
     except AssertionError as exc:
-        pytest.fail(f"{stage.stage}: {stage.workers} worker(s) did not join the group {stage.stage} "
+        pytest.fail(f"{stage.stage}: {stage.workers} worker(s) did not join the group "
+                    f"{KAFKA_NAMES.group(stage.stage)} "
                     f"(state and members: {await group_members(stage.stage)}): {exc}\n{stage.log_tail()}")
 
 

@@ -13,7 +13,7 @@ from playwright.async_api import async_playwright
 
 from schemas.status import JobStatus as S
 from schemas.status import Stage
-from tests.e2e.conftest import start_gateway
+from tests.e2e.conftest import KAFKA_NAMES, start_gateway
 from tests.support.jobs import make_job
 from tests.support.kafka_watch import for_job
 
@@ -139,7 +139,8 @@ async def test_forms_need_the_csrf_token_and_logout_ends_the_session(admin, brow
     async with page.expect_navigation():
         await page.click("text=Consumer lag")
     groups = await page.locator("tbody tr td:first-child").all_inner_texts()
-    assert set(groups) == {"checkout", "processor", "notifier", "janitor"}
+    # As the broker names them: in the session's namespace.
+    assert set(groups) == {KAFKA_NAMES.group(stage) for stage in ("checkout", "processor", "notifier", "janitor")}
 
     async with page.expect_navigation():
         await page.click("button:has-text('Log out')")

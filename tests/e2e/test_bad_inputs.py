@@ -49,7 +49,7 @@ from schemas.urls import HostAllowList
 from smi import stripe_webhooks
 from smi.jobtable.keys import shard_of
 from smi.kafka.dead_letter import kept_value
-from tests.e2e.conftest import KAFKA, joined, job_request, stage_process
+from tests.e2e.conftest import KAFKA, KAFKA_NAMES, joined, job_request, stage_process
 from tests.support import bad_inputs
 from tests.support.bad_inputs import CONSUMERS, INPUT_TOPICS, BadMessage, sample_bad_messages
 from tests.support.image_server import ImageServer
@@ -548,7 +548,7 @@ async def wait_processed(goods: list[Good], *, timeout: float) -> list[Good]:
 async def drain_all() -> dict[str, str]:
     async def one(group, topics):
         try:
-            await drained(KAFKA, group, topics, timeout=120)
+            await drained(KAFKA, group, topics, timeout=120, names=KAFKA_NAMES)
         except AssertionError as exc:
             return group, str(exc)
         return group, None

@@ -13,7 +13,7 @@ from schemas.events import JobEvent, make_event_id
 from schemas.status import JobStatus as S, Stage
 from schemas.topics import JOBS_FAILED
 from smi import stripe_webhooks
-from tests.e2e.conftest import KAFKA, job_for_request, job_request, publish_request, wait_status
+from tests.e2e.conftest import KAFKA, KAFKA_NAMES, job_for_request, job_request, publish_request, wait_status
 from tests.e2e.flows import completed_event, open_job, post_webhook
 from tests.support.kafka_watch import drained, eventually, for_job
 
@@ -53,7 +53,7 @@ async def test_the_same_request_ten_times_at_once_makes_one_job_and_one_session(
     body = job_request()
     await asyncio.gather(*[publish_request(producer, body) for _ in range(10)])
     job = await job_for_request(table, body["request_id"])
-    await drained(KAFKA, "checkout", ["jobs.requested"])
+    await drained(KAFKA, "checkout", ["jobs.requested"], names=KAFKA_NAMES)
     page = await table.get_jobs(limit=10_000)
     assert [j.job_id for j in page.jobs if j.request_id == body["request_id"]] == [job.job_id]
     assert len(stripe_proxy.matching("POST", "/v1/checkout/sessions", client_reference_id=job.job_id)) == 1
@@ -73,7 +73,7 @@ async def test_a_payment_delivered_five_times_among_expiries_moves_the_job_once(
         assert (await post_webhook(http, gateway, paid))[0] == 200
         assert (await post_webhook(http, gateway, expired))[0] == 200
     await wait_status(table, job.job_id, S.PENDING)
-    await drained(KAFKA, "checkout", ["payments.events"])
+    await drained(KAFKA, "checkout", ["payments.events"], names=KAFKA_NAMES)
     after = await table.get(job.job_id)
     assert (after.payment_status, after.stripe_payment_intent_id) == ("paid", "pi_e2e_once")
     assert after.paid_at is not None
@@ -139,7 +139,7 @@ async def test_a_failed_paid_job_is_refunded_exactly_once_across_a_crash_and_red
     checkout.start()
     refunded = await eventually(lambda: _refunded(table, job.job_id), timeout=90)
     await producer.send(JOBS_FAILED, job.job_id, failed)  # and a plain redelivery
-    await drained(KAFKA, "checkout", ["jobs.failed"], timeout=90)
+    await drained(KAFKA, "checkout", ["jobs.failed"], timeout=90, names=KAFKA_NAMES)
 
     refunds = stripe_proxy.matching("POST", "/v1/refunds", **{"metadata[job_id]": job.job_id})
     assert len(refunds) == 2  # the crashed attempt and its retry...
@@ -163,7 +163,7 @@ async def test_an_unpaid_failed_job_is_not_refunded(checkout, producer, table, s
     job = await open_job(producer, table)
     await table.transition(job.job_id, S.ABANDONED, actor=Stage.JANITOR, event_id="abandon")
     await producer.send(JOBS_FAILED, job.job_id, JobEvent.new("failed", job.job_id, data={"reason": "x"}))
-    await drained(KAFKA, "checkout", ["jobs.failed"])
+    await drained(KAFKA, "checkout", ["jobs.failed"], names=KAFKA_NAMES)
     assert stripe_proxy.matching("POST", "/v1/refunds", **{"metadata[job_id]": job.job_id}) == []
     assert (await table.get(job.job_id)).refund_id is None
 
@@ -266,7 +266,7 @@ async def test_other_payment_events_are_recorded_ignored_or_dead_lettered(checko
                                                    amount_total=100)
     assert (await post_webhook(http, gateway, ghost))[0] == 200
 
-    await drained(KAFKA, "checkout", ["payments.events"])
+    await drained(KAFKA, "checkout", ["payments.events"], names=KAFKA_NAMES)
     after_failed = await table.get(failed_payment.job_id)
     assert after_failed.payment_status == "failed" and after_failed.payment_failed_at is not None
     assert after_failed.status is S.AWAITING_PAYMENT  # the janitor abandons it later

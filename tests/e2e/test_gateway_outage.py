@@ -18,7 +18,7 @@ import uuid
 from aiokafka import AIOKafkaConsumer
 
 from smi import stripe_webhooks
-from tests.e2e.conftest import WEBHOOK_SECRET, start_gateway
+from tests.e2e.conftest import KAFKA_NAMES, WEBHOOK_SECRET, start_gateway
 from tests.support.kafka_watch import eventually
 
 
@@ -67,7 +67,9 @@ async def records_on(bootstrap: str, topic: str) -> list[bytes]:
 async def test_broker_down_gives_503_and_the_retry_lands_once(stage_env, http, tmp_path):
     kafka_port = free_port_pair()
     bootstrap = f"127.0.0.1:{kafka_port}"
-    env = {**os.environ, "SMI_VAR_DIR": str(tmp_path / "var"), "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
+    # The stack creates the topics of the session's namespace, which the gateway writes to.
+    env = {**os.environ, "SMI_VAR_DIR": str(tmp_path / "var"), "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+           "KAFKA_NAMESPACE": KAFKA_NAMES.namespace}
     await smi(env, "stack", "up", "--only", "kafka")
     gateway = await start_gateway(http, {**stage_env, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}, tmp_path)
     url = gateway.url
@@ -90,7 +92,7 @@ async def test_broker_down_gives_503_and_the_retry_lands_once(stage_env, http, t
             return await post(http, url, during) == 200
         await eventually(delivered, timeout=90, interval=1.0)
 
-        records = await records_on(bootstrap, "payments.events")
+        records = await records_on(bootstrap, KAFKA_NAMES.topic("payments.events"))
         assert [r for r in records if r == stripe_webhooks.encode(before)] == [stripe_webhooks.encode(before)]
         copies = [r for r in records if b'"id":"' + during["id"].encode() + b'"' in r]
         assert 1 <= len(copies) <= 2  # the retry, and maybe the 503'd attempt delivered late

@@ -20,7 +20,7 @@ from schemas.status import Deadline, JobStatus as S
 from schemas.topics import JOBS_FAILED
 from smi import stripe_webhooks
 from smi.clock import set_offset
-from tests.e2e.conftest import KAFKA, start_stage, wait_status
+from tests.e2e.conftest import KAFKA, KAFKA_NAMES, start_stage, wait_status
 from tests.e2e.flows import completed_event, open_job, post_webhook
 from tests.support.jobs import make_job
 from tests.support.kafka_watch import drained, eventually, for_job
@@ -154,7 +154,7 @@ async def test_a_session_expired_webhook_abandons_the_job_once(janitor, checkout
         assert (await post_webhook(http, gateway, event))[0] == 200
 
     abandoned = await wait_status(table, job.job_id, S.ABANDONED)
-    await drained(KAFKA, "janitor", ["payments.events"])
+    await drained(KAFKA, "janitor", ["payments.events"], names=KAFKA_NAMES)
     messages = watcher.matching("jobs.abandoned", for_job(job.job_id))
     assert [json.loads(m.value)["event_id"] for m in messages] == [make_event_id(job.job_id, "abandoned")]
     assert expire_calls(stripe_proxy, job) == []  # Stripe expired the session itself

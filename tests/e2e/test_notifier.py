@@ -26,7 +26,7 @@ from schemas.status import JobStatus as S
 from schemas.topics import JOBS_COMMANDS, JOBS_COMPLETED, JOBS_EXPIRING, PAYMENTS_REFUNDS
 from services.notifier import emails
 from smi.mailer import Outgoing
-from tests.e2e.conftest import KAFKA, start_stage
+from tests.e2e.conftest import KAFKA, KAFKA_NAMES, start_stage
 from tests.support.jobs import make_job
 from tests.support.kafka_watch import eventually, for_job
 from tests.support.processes import StageProcess
@@ -36,7 +36,8 @@ SHOP = "E2E Prints & Co"
 ADMIN_EMAIL = "admin@shop.example.com"
 LETTERHEAD = emails.Letterhead(SHOP, f"{SHOP} <shop@shop.example.com>", "help@shop.example.com", ADMIN_EMAIL)
 LINK = re.compile(r"https?://\S+/downloads/([A-Za-z0-9]{64})")
-NOTIFIER_TOPICS = [JOBS_COMPLETED.name, PAYMENTS_REFUNDS.name, JOBS_EXPIRING.name, JOBS_COMMANDS.name]
+# The notifier's topics in the session's namespace, as the broker names them.
+NOTIFIER_TOPICS = [KAFKA_NAMES.topic(t) for t in (JOBS_COMPLETED, PAYMENTS_REFUNDS, JOBS_EXPIRING, JOBS_COMMANDS)]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,8 @@ async def ready_email(producer, sink, job) -> Delivery:
 
 
 async def notifier_lag() -> int:
-    """Messages on the notifier's topics that its group has not committed.
+    """Messages on the notifier's topics that its group (in the session's namespace)
+    has not committed.
     (kafka_watch.group_lag reads partitions from metadata that consumer.topics()
     never fills in, so it finds none and always answers 0.)"""
     admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
@@ -117,7 +119,7 @@ async def notifier_lag() -> int:
     await admin.start()
     await consumer.start()
     try:
-        committed = await admin.list_consumer_group_offsets("notifier")
+        committed = await admin.list_consumer_group_offsets(KAFKA_NAMES.group("notifier"))
         cluster = await consumer._client.fetch_all_metadata()
         partitions = [TopicPartition(t, p) for t in NOTIFIER_TOPICS for p in cluster.partitions_for_topic(t) or ()]
         assert partitions, "no partitions found for the notifier's topics"
@@ -204,7 +206,8 @@ async def test_with_the_smtp_server_down_the_email_is_retried_and_sent_once_it_i
     sink.stop()
     try:
         sent = await publish_completed(producer, job.job_id)
-        where = f"topic={sent.topic} partition={sent.partition} offset={sent.offset}"
+        # The stage logs the registry name; the producer's answer has the broker's.
+        where = f"topic={KAFKA_NAMES.local(sent.topic)} partition={sent.partition} offset={sent.offset}"
         await eventually(lambda: logged(notifier, "retry 2 of", where, "SMTP server unavailable"), timeout=30)
         assert not sink.deliveries(about_job(job.job_id))
     finally:

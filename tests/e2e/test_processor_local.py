@@ -13,7 +13,7 @@ from PIL import Image
 
 from schemas.events import make_event_id
 from schemas.status import JobStatus as S
-from tests.e2e.conftest import KAFKA, start_stage, wait_status
+from tests.e2e.conftest import KAFKA, KAFKA_NAMES, start_stage, wait_status
 from tests.e2e.flows import paid_job
 from tests.support.image_server import ImageServer
 from tests.support.kafka_watch import drained, for_job
@@ -83,7 +83,7 @@ async def test_killed_between_completing_and_announcing_the_redelivery_announces
     event_id = make_event_id(job.job_id, "completed", 1)
     await watcher.wait_for("jobs.completed", lambda m: for_job(job.job_id)(m)
                            and json.loads(m.value)["event_id"] == event_id, timeout=90)
-    await drained(KAFKA, "processor", ["jobs.pending"])
+    await drained(KAFKA, "processor", ["jobs.pending"], names=KAFKA_NAMES)
     assert {json.loads(m.value)["event_id"] for m in watcher.matching("jobs.completed", for_job(job.job_id))} \
         == {event_id}
     assert [h.target for h in await table.history(job.job_id)].count(S.COMPLETED) == 1

@@ -14,7 +14,7 @@ from PIL import Image
 from schemas.events import Command, JobEvent, make_event_id
 from schemas.status import JobStatus as S
 from schemas.topics import JOBS_COMMANDS, JOBS_PENDING
-from tests.e2e.conftest import KAFKA, start_stage, wait_status
+from tests.e2e.conftest import KAFKA, KAFKA_NAMES, start_stage, wait_status
 from tests.e2e.flows import paid_job
 from tests.support.fake_upsampler import DEFAULT_API_KEY, FakeUpsampler
 from tests.support.image_server import ImageServer
@@ -136,7 +136,7 @@ async def test_failed_upscale_fails_the_job_and_checkout_refunds_it_once(process
     [message] = await watcher.wait_for("jobs.failed", for_job(job.job_id))
     assert json.loads(message.value)["data"] == {"reason": "upscaler failed: Image format unsupported"}
     await eventually(lambda: _refund_recorded(table, job.job_id), timeout=30)
-    await drained(KAFKA, "checkout", ["jobs.failed"])
+    await drained(KAFKA, "checkout", ["jobs.failed"], names=KAFKA_NAMES)
     refunds = stripe_proxy.matching("POST", "/v1/refunds", **{"metadata[job_id]": job.job_id})
     assert len(refunds) == 1 and refunds[0].idempotency_key == f"refund-{job.job_id}"
 
@@ -154,7 +154,7 @@ async def test_redelivered_pending_and_duplicate_callbacks_change_nothing(proces
         await producer.send(JOBS_PENDING, job.job_id, JobEvent.new("pending", job.job_id))
         async with http.post(callback, json=body) as resp:
             assert resp.status == 200
-    await drained(KAFKA, "processor", ["jobs.pending", "upscaler.events"])
+    await drained(KAFKA, "processor", ["jobs.pending", "upscaler.events"], names=KAFKA_NAMES)
     assert len(submissions_for(upsampler, url)) == 1
     history = await table.history(job.job_id)
     assert [h.target for h in history].count(S.COMPLETED) == 1
@@ -198,7 +198,7 @@ async def test_killed_between_the_final_write_and_its_event_the_event_is_still_p
         event_id = make_event_id(job.job_id, status.value, 1)
         await watcher.wait_for(topic, lambda m: for_job(job.job_id)(m) and json.loads(m.value)["event_id"] == event_id,
                                timeout=90)
-        await drained(KAFKA, "processor", ["jobs.pending", "upscaler.events"])
+        await drained(KAFKA, "processor", ["jobs.pending", "upscaler.events"], names=KAFKA_NAMES)
         assert {json.loads(m.value)["event_id"] for m in watcher.matching(topic, for_job(job.job_id))} == {event_id}
         assert [h.target for h in await table.history(job.job_id)].count(status) == 1
         assert len(submissions_for(upsampler, url)) == 1

@@ -1,5 +1,10 @@
 """Watches topics from "now" on, without a consumer group, so tests can wait for the
-messages a stage produced (and check that nothing was produced)."""
+messages a stage produced (and check that nothing was produced).
+
+Topics and groups are named as the code names them (registry topic names, stage
+names); ``names`` (a KAFKA_NAMESPACE, smi.kafka.names) turns them into the broker's.
+It is passed, never set here: the e2e session runs in a namespace of its own while
+integration tests in the same process keep the plain names."""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from typing import Any, Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+
+from smi.kafka.names import DEFAULT, KafkaNames
 
 
 @dataclass(frozen=True)
@@ -26,9 +33,13 @@ class Seen:
 
 
 class TopicWatcher:
-    def __init__(self, bootstrap: str, topics: list[str]):
+    """Reads ``topics`` in ``names``' namespace; a Seen carries the registry name, so
+    tests match on it whatever the namespace."""
+
+    def __init__(self, bootstrap: str, topics: list[str], *, names: KafkaNames = DEFAULT):
         self.bootstrap = bootstrap
         self.topics = topics
+        self.names = names
         self.seen: list[Seen] = []
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
@@ -38,11 +49,18 @@ class TopicWatcher:
                                           fetch_max_wait_ms=50, max_partition_fetch_bytes=16 * 1024 * 1024)
         await self._consumer.start()
         partitions = []
-        for topic in self.topics:
-            parts = self._consumer.partitions_for_topic(topic)
-            if parts is None:
+        deadline = time.monotonic() + 30
+        for topic in map(self.names.topic, self.topics):
+            # A topic created a moment ago (the e2e session's own) can be missing from
+            # the broker's metadata for a while; watching none of its partitions would
+            # see nothing and say nothing, so wait for them, and fail if they never come.
+            while not (parts := self._consumer.partitions_for_topic(topic)):
+                if time.monotonic() > deadline:
+                    await self._consumer.stop()
+                    raise AssertionError(f"topic {topic} has no partitions on {self.bootstrap}")
                 await self._consumer._client.force_metadata_update()
-                parts = self._consumer.partitions_for_topic(topic) or set()
+                if not self._consumer.partitions_for_topic(topic):
+                    await asyncio.sleep(0.2)
             partitions += [TopicPartition(topic, p) for p in parts]
         self._consumer.assign(partitions)
         ends = await self._consumer.end_offsets(partitions)
@@ -53,7 +71,7 @@ class TopicWatcher:
 
     async def _run(self) -> None:
         async for msg in self._consumer:
-            self.seen.append(Seen(msg.topic, msg.partition, msg.offset, msg.key, msg.value))
+            self.seen.append(Seen(self.names.local(msg.topic), msg.partition, msg.offset, msg.key, msg.value))
 
     async def stop(self) -> None:
         if self._task:
@@ -95,8 +113,10 @@ async def eventually(check: Callable[[], Any], *, timeout: float = 30.0, interva
         await asyncio.sleep(interval)
 
 
-async def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
-    """Messages on ``topics`` that ``group`` has not committed yet."""
+async def group_lag(bootstrap: str, group: str, topics: list[str], *, names: KafkaNames = DEFAULT) -> int:
+    """Messages on ``topics`` that ``group`` has not committed yet (both in ``names``'
+    namespace)."""
+    group, topics = names.group(group), [names.topic(t) for t in topics]
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await admin.start()
@@ -113,8 +133,9 @@ async def group_lag(bootstrap: str, group: str, topics: list[str]) -> int:
         await admin.close()
 
 
-async def drained(bootstrap: str, group: str, topics: list[str], *, timeout: float = 60.0) -> None:
+async def drained(bootstrap: str, group: str, topics: list[str], *, timeout: float = 60.0,
+                  names: KafkaNames = DEFAULT) -> None:
     """Wait until ``group`` has handled and committed everything on ``topics``."""
     async def no_lag():
-        return await group_lag(bootstrap, group, topics) == 0
+        return await group_lag(bootstrap, group, topics, names=names) == 0
     await eventually(no_lag, timeout=timeout, interval=0.5)

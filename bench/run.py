@@ -1,9 +1,9 @@
 """The pipeline under load: throughput, latency, baselines, Redis per job (issue 7).
 
 `make bench`, `smi bench` or `python -m bench.run [--jobs N] [--out FILE]`. Needs
-the stack (`smi stack up`: Kafka, Redis, stripe-mock). Its systems run in a Kafka
-namespace of the run's own (KAFKA_NAMESPACE, unless set; deleted afterwards), so
-other stages on the broker do not disturb them, though they share its CPU.
+the stack (`smi stack up`: Kafka, Redis, stripe-mock). Its systems run in the Kafka
+namespace "bench." (KAFKA_NAMESPACE, unless set), so other stages on the broker do
+not disturb them, though they share its CPU.
 Starts `smi run all` itself (PAYMENTS=local, UPSCALER=local, or
 with `--upscaler upsampler` the Upsampler backend against the fake Upsampler
 server answering at once, its callbacks through the gateway; its own
@@ -45,8 +45,9 @@ from smi.jobtable import JobTable, connect
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
 from smi.stack.kafka_broker import kafka_version
-from smi.stack.topics import delete_namespace, ensure_topics
+from smi.stack.topics import ensure_topics
 
+BENCH_NAMESPACE = "bench."
 PARTS = ("baselines", "pipeline", "stripe", "table", "janitor")
 NOISE = ("one 2-core machine runs Kafka, Redis, five stage processes and the bench itself, and possibly a CI run "
          "on the same broker and Redis: the figures are noisy; compare runs, not single numbers")
@@ -104,12 +105,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
 async def run(args: argparse.Namespace) -> int:
     run_id = uuid.uuid4().hex[:8]
     settings = Settings()
-    # The systems it starts run in a Kafka namespace of this run's own (unless one is
-    # set): other stages on the broker (a test session, someone's `smi run all`)
-    # neither take its messages nor share its groups. Its topics go afterwards.
-    own_namespace = not settings.kafka_namespace
-    if own_namespace:
-        settings = settings.model_copy(update={"kafka_namespace": f"bench-{run_id}."})
+    # The systems it starts run in the Kafka namespace "bench." (unless one is set):
+    # other stages on the broker (a test session, someone's `smi run all`) neither
+    # take its messages nor share its groups. Its topics stay for the next run: with a
+    # fresh set per run, deleted after it (the broker removes the files a minute
+    # later, while the next run measures), the paced p99 of five runs was 91-244 ms;
+    # with one set kept, 51-97 ms in four.
+    if not settings.kafka_namespace:
+        settings = settings.model_copy(update={"kafka_namespace": BENCH_NAMESPACE})
     redis = connect(settings.redis_url, settings.redis_cluster_nodes)
     results: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "run_id": run_id,
@@ -141,11 +144,6 @@ async def run(args: argparse.Namespace) -> int:
                 say(f"  [red]{part} failed: {type(exc).__name__}: {exc}[/]")
     finally:
         await redis.aclose()
-        if own_namespace:
-            try:
-                await delete_namespace(settings)
-            except Exception as exc:  # a leftover costs disk, not correctness
-                say(f"[yellow]could not delete the topics of {settings.kafka_namespace}: {type(exc).__name__}[/]")
     passthrough = results["baselines"].get("kafka_passthrough", {}).get("rate")
     stage_floor = results["baselines"].get("stage_agent_forward", {}).get("rate")
     for figures in results["stages"].values():

@@ -96,6 +96,9 @@ async def kafka_passthrough(bootstrap: str, count: int) -> dict:
             seconds = time.perf_counter() - started
         finally:
             await consumer.stop()
+        forwarded = await _messages_in(bootstrap, sink)
+    if forwarded != count:
+        raise RuntimeError(f"the pass-through forwarded {forwarded} of {count} messages")
     return rate_figures(count, seconds)
 
 

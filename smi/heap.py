@@ -18,7 +18,7 @@ import time
 from smi import metrics
 
 log = logging.getLogger(__name__)
-_started: list[float] = []  # the running pass's start (one at a time: the GIL)
+_pass_started = 0.0  # when the running pass began (one pass at a time: the GIL)
 
 
 def freeze_startup_heap() -> int:
@@ -32,10 +32,11 @@ def freeze_startup_heap() -> int:
 
 
 def _on_gc(phase: str, info: dict) -> None:
+    global _pass_started
     if phase == "start":
-        _started[:] = [time.perf_counter()]
-    elif _started:
-        metrics.GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - _started.pop())
+        _pass_started = time.perf_counter()
+    else:
+        metrics.GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - _pass_started)
 
 
 def record_gc_pauses() -> None:

@@ -1,14 +1,17 @@
 """Key layout of the job table. Every key carries a shard hash tag ``{s<N>}``; a
 job's keys and its shard's indexes share the tag, so each script touches one
-Redis Cluster slot (design.md, "Durability ... Scale").
+Redis Cluster slot (design.md, "Durability ... Scale"). <id> is the job id as
+stored: a UUID's 16 bytes in URL-safe base64, 22 characters (codec.compact_id),
+so each of the nine places a job's id is held costs 14 bytes less.
 
-    job:{s3}:<job_id>            hash: the job record, with its history (field
-                                 "history") and the side effects done (fields
-                                 "done:<step>", e.g. "done:email:ready")
-    req:{s3}                     hash: request_id -> job_id
-    st:{s3}:<status>:c | :u      sorted sets (lexicographic): jobs by created/updated
-    by:{s3}:<cs|pi|up|cb|tok>    hash: lookup value -> job_id
-    dl:{s3}:<abandon|warn|expire> sorted set: job_id scored by due time (ms)
+    job:{s3}:<id>                hash: the job record under short field codes, with
+                                 its history and the side effects done (codec.py)
+    req:{s3}                     hash: request_id -> <id>
+    st:{s3}:<status>:c | :u      sorted sets (lexicographic): "<ms>:<id>" by
+                                 created/updated
+    by:{s3}:<cs|pi|up|cb|tok>    hash: lookup value -> <id>
+    dl:{s3}:<deadline>           sorted set: <id> scored by due time (ms), one per
+                                 schemas.status.Deadline (abandon, retry, poll, ...)
     rev:{s3}                     hash: the shard's running revenue figures, kept by
                                  the scripts that write the fields they count
                                  (lua/prelude.lua, "Running revenue figures")
@@ -20,6 +23,7 @@ import uuid
 import zlib
 
 from schemas.status import Deadline, JobStatus
+from smi.jobtable.codec import compact_id, expand_id
 
 LOOKUP_KINDS = {
     "checkout_session": "cs",
@@ -53,7 +57,16 @@ class KeySpace:
         return self.tag(shard_of(job_id, self.shards))
 
     def job(self, job_id: str) -> str:
-        return f"job:{self.tag_of(job_id)}:{job_id}"
+        return f"job:{self.tag_of(job_id)}:{compact_id(job_id)}"
+
+    @staticmethod
+    def stored_id(job_id: str) -> str:
+        """The job id as the indexes and deadline sets hold it."""
+        return compact_id(job_id)
+
+    @staticmethod
+    def job_id_of(stored: str | bytes) -> str:
+        return expand_id(stored.decode("ascii") if isinstance(stored, bytes) else stored)
 
     def status_index(self, shard: int, status: JobStatus, order: str) -> str:
         return f"st:{self.tag(shard)}:{status.value}:{order}"

@@ -1,7 +1,8 @@
 """Loads the Lua scripts (each prefixed with the shared prelude) and registers them
 on a client; redis-py runs them by EVALSHA and reloads them after a Redis restart.
 The prelude starts with the job statuses, from schemas.status, as the Lua list
-STATUSES (scripts that visit each status index of a shard read it)."""
+STATUSES (scripts that visit each status index of a shard read it), then the
+stored codes of the fields and statuses (smi.jobtable.codec.lua_constants)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from functools import cache
 from pathlib import Path
 
 from schemas.status import JobStatus
+from smi.jobtable.codec import lua_constants
 
 LUA_DIR = Path(__file__).parent / "lua"
 NAMES = ("create", "transition", "update", "issue_token", "claim_due", "clear_deadline_if", "mark_done",
@@ -18,7 +20,7 @@ NAMES = ("create", "transition", "update", "issue_token", "claim_due", "clear_de
 @cache
 def source(name: str) -> str:
     statuses = ", ".join(f"'{status.value}'" for status in JobStatus)
-    prelude = f"local STATUSES = {{{statuses}}}\n" + (LUA_DIR / "prelude.lua").read_text()
+    prelude = f"local STATUSES = {{{statuses}}}\n" + lua_constants() + (LUA_DIR / "prelude.lua").read_text()
     return prelude + "\n" + (LUA_DIR / f"{name}.lua").read_text()
 
 

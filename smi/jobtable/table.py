@@ -4,6 +4,7 @@ jobs (queries, timers) visit every shard in one pipelined round trip."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import heapq
 import hmac
@@ -16,11 +17,12 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Literal, Mapping
 
 from schemas.events import utcnow
-from schemas.job import DONE_PREFIX, MANAGED_FIELDS, Job, encode_fields, encode_value, from_ms, to_ms
+from schemas.job import MANAGED_FIELDS, Job, encode_fields, encode_value, from_ms, to_ms
 from schemas.status import Deadline, JobStatus, Stage, TransitionNotAllowed, deadlines_left_by, sources_of
 
 from smi import metrics
 from smi.errors import PermanentError
+from smi.jobtable import codec
 from smi.jobtable.keys import LOOKUP_KINDS, KeySpace, shard_of
 from smi.jobtable.scripts import register_all
 
@@ -31,6 +33,7 @@ OrderBy = Literal["created_at", "updated_at"]
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 TOKEN_LENGTH = 64
 _JOB_FIELDS = frozenset(Job.model_fields)
+_STORED_FIELDS = frozenset(codec.FIELD_CODES)
 
 
 class DownloadExpired(PermanentError):
@@ -93,7 +96,10 @@ class DueItem:
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    """The SHA-256 of a token in URL-safe base64 (43 characters): what the table
+    stores and indexes. Hex took 64: 21 more bytes in the job hash and a larger
+    allocation for the key of the token index (80 bytes against 48)."""
+    return base64.urlsafe_b64encode(hashlib.sha256(token.encode("utf-8")).digest()).rstrip(b"=").decode("ascii")
 
 
 def new_download_token() -> str:
@@ -112,6 +118,14 @@ def is_well_formed_token(token: str) -> bool:
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _job(raw: Mapping[Any, Any], job_id: str) -> Job:
+    return Job.from_redis(codec.decode_hash(raw, job_id))
+
+
+def _codes(names: Iterable[str]) -> list[str]:
+    return [codec.field_code(name) for name in names]
 
 
 def _json(value: Any) -> str:
@@ -137,12 +151,13 @@ class JobTable:
         moment = now or self.clock()
         created, existing_id, flat = await self._scripts["create"](
             keys=[self.keys.job(job_id)],
-            args=[self.keys.tag_of(job_id), job_id, request_id or "", to_ms(moment), actor.value,
-                  _json(encode_fields(fields))],
+            args=[self.keys.tag_of(job_id), self.keys.stored_id(job_id), request_id or "", to_ms(moment),
+                  codec.ACTOR_CODES[actor],
+                  _json(codec.encode_names(encode_fields(fields)))],
         )
         if not flat:  # the request's job was deleted by hand, its request index entry kept
-            raise JobNotFound(_s(existing_id))
-        return Job.from_redis(dict(zip(flat[::2], flat[1::2]))), bool(int(created))
+            raise JobNotFound(self.keys.job_id_of(existing_id))
+        return _job(dict(zip(flat[::2], flat[1::2])), self.keys.job_id_of(existing_id)), bool(int(created))
 
     async def transition(self, job_id: str, target: JobStatus, *, actor: Stage, event_id: str,
                          fields: Mapping[str, Any] | None = None, clear: Iterable[str] = (),
@@ -164,9 +179,10 @@ class JobTable:
         clear_deadlines = [d.value for d in deadlines_left_by(target)]
         outcome, previous = await self._scripts["transition"](
             keys=[self.keys.job(job_id)],
-            args=[self.keys.tag_of(job_id), job_id, target.value, _json(sorted(s.value for s in sources)),
-                  actor.value, event_id, to_ms(now or self.clock()), _json(encode_fields(fields)),
-                  _json(list(clear)), _json({d.value: to_ms(t) for d, t in (deadlines or {}).items()}),
+            args=[self.keys.tag_of(job_id), self.keys.stored_id(job_id), target.value, _json(sorted(s.value for s in sources)),
+                  codec.ACTOR_CODES[actor], codec.compact_id(event_id), to_ms(now or self.clock()),
+                  _json(codec.encode_names(encode_fields(fields))), _json(_codes(clear)),
+                  _json({d.value: to_ms(t) for d, t in (deadlines or {}).items()}),
                   _json(clear_deadlines)],
         )
         outcome, previous = _s(outcome), _s(previous)
@@ -189,15 +205,16 @@ class JobTable:
         self._check_fields(fields, clear)
         expected = {name: None if value is None else encode_value(name, value)
                     for name, value in (expect_fields or {}).items()}
-        unknown = set(expected) - _JOB_FIELDS  # comparing a managed field is fine: it is only read
+        unknown = set(expected) - _STORED_FIELDS  # comparing a managed field is fine: it is only read
         if unknown:
             raise ValueError(f"unknown job fields: {', '.join(sorted(unknown))}")
         outcome, _ = await self._scripts["update"](
             keys=[self.keys.job(job_id)],
-            args=[self.keys.tag_of(job_id), job_id, to_ms(now or self.clock()), _json(encode_fields(fields)),
-                  _json(list(clear)), _json([s.value for s in expect_status]),
+            args=[self.keys.tag_of(job_id), self.keys.stored_id(job_id), to_ms(now or self.clock()),
+                  _json(codec.encode_names(encode_fields(fields))), _json(_codes(clear)),
+                  _json([s.value for s in expect_status]),
                   _json({d.value: to_ms(t) for d, t in (deadlines or {}).items()}),
-                  _json([d.value for d in clear_deadlines]), _json(expected)],
+                  _json([d.value for d in clear_deadlines]), _json(codec.encode_names(expected))],
         )
         if _s(outcome) == "missing":
             raise JobNotFound(job_id)
@@ -221,7 +238,8 @@ class JobTable:
         token = new_download_token()
         outcome, _, stored = await self._scripts["issue_token"](
             keys=[self.keys.job(job_id)],
-            args=[self.keys.tag_of(job_id), job_id, to_ms(moment), hash_token(token), to_ms(expiry),
+            args=[self.keys.tag_of(job_id), self.keys.stored_id(job_id), to_ms(moment), hash_token(token),
+                  to_ms(expiry),
                   to_ms(warn_at) if warn_at and warn_at > moment else "", "1" if revoke_others else "0",
                   "1" if expires_at is not None else "0"],
         )
@@ -245,7 +263,8 @@ class JobTable:
             flat = await self._scripts["claim_due"](
                 keys=[self.keys.deadline(shard, kind)],
                 args=[self.keys.tag(shard), moment, limit - len(items), lease_ms])
-            items += [DueItem(_s(flat[i]), from_ms(int(float(flat[i + 1])))) for i in range(0, len(flat), 2)]
+            items += [DueItem(self.keys.job_id_of(flat[i]), from_ms(int(float(flat[i + 1]))))
+                      for i in range(0, len(flat), 2)]
         return items
 
     async def clear_deadline(self, job_id: str, kind: Deadline, *, if_due_at: datetime | None = None) -> bool:
@@ -256,9 +275,10 @@ class JobTable:
         shard = shard_of(job_id, self.keys.shards)
         key = self.keys.deadline(shard, kind)
         if if_due_at is None:
-            return bool(await self.redis.zrem(key, job_id))
+            return bool(await self.redis.zrem(key, self.keys.stored_id(job_id)))
         removed = await self._scripts["clear_deadline_if"](keys=[key],
-                                                           args=[self.keys.tag(shard), job_id, to_ms(if_due_at)])
+                                                           args=[self.keys.tag(shard), self.keys.stored_id(job_id),
+                                                                 to_ms(if_due_at)])
         return bool(int(removed))
 
     @staticmethod
@@ -277,12 +297,13 @@ class JobTable:
         if any(c.isspace() for c in step):
             raise ValueError(f"a step name holds no whitespace: {step!r}")
         return int(await self._scripts["mark_done"](keys=[self.keys.job(job_id)],
-                                                    args=[self.keys.tag_of(job_id), job_id, step])) == 1
+                                                    args=[self.keys.tag_of(job_id), self.keys.stored_id(job_id),
+                                                          step])) == 1
 
     async def is_done(self, job_id: str, step: str) -> bool:
         """Whether ``step`` was marked done. A job just read says so itself, without
         this round trip: ``step in job.done``."""
-        return bool(await self.redis.hexists(self.keys.job(job_id), f"{DONE_PREFIX}{step}"))
+        return bool(await self.redis.hexists(self.keys.job(job_id), codec.done_field(step)))
 
     # -- reads -------------------------------------------------------------------
 
@@ -290,25 +311,28 @@ class JobTable:
         raw = await self.redis.hgetall(self.keys.job(job_id))
         if not raw:
             raise JobNotFound(job_id)
-        return Job.from_redis(raw)
+        return _job(raw, job_id)
 
     async def get_many(self, job_ids: list[str]) -> list[Job]:
         """The jobs that exist, in the order asked for (one pipelined round trip)."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(self.keys.job(job_id))
-        return [Job.from_redis(raw) for raw in await pipe.execute() if raw]
+        return [_job(raw, job_id) for job_id, raw in zip(job_ids, await pipe.execute()) if raw]
 
     async def history(self, job_id: str) -> list[HistoryEntry]:
         """The job's status changes, oldest first ([] for an unknown job). Stored as
-        lines "<ms> <from> <to> <by> <event id>" in the hash (lua/prelude.lua)."""
-        raw = await self.redis.hget(self.keys.job(job_id), "history")
+        lines "<ms since created_at> <from> <to> <by> <event id>" in the hash, in
+        codes (codec.py)."""
+        created, raw = await self.redis.hmget(self.keys.job(job_id), codec.field_code("created_at"),
+                                              codec.field_code("history"))
         entries = []
         for line in _s(raw or b"").splitlines():
             at, source, target, actor, event_id = line.split(" ")
-            entries.append(HistoryEntry(at=from_ms(at), source=None if source == "-" else JobStatus(source),
-                                        target=JobStatus(target), actor=actor,
-                                        event_id=None if event_id == "-" else event_id))
+            entries.append(HistoryEntry(
+                at=from_ms(int(created) + int(at)), source=None if source == "-" else codec.STATUS_BY_CODE[source],
+                target=codec.STATUS_BY_CODE[target], actor=codec.ACTOR_BY_CODE[actor],
+                event_id=None if event_id == "-" else codec.expand_id(event_id)))
         return entries
 
     async def find_by(self, kind: str, value: str) -> Job | None:
@@ -322,7 +346,7 @@ class JobTable:
         for job_id in await pipe.execute():
             if job_id:
                 try:
-                    return await self.get(_s(job_id))
+                    return await self.get(self.keys.job_id_of(job_id))
                 except JobNotFound:
                     return None
         return None
@@ -334,8 +358,8 @@ class JobTable:
         job = await self.find_by("download_token", digest)
         if job is None:
             return None
-        newest, older = await self.redis.hmget(self.keys.job(job.job_id), "download_token_hash",
-                                               "download_token_hashes")
+        newest, older = await self.redis.hmget(self.keys.job(job.job_id), codec.field_code("download_token_hash"),
+                                               codec.field_code("download_token_hashes"))
         live = [newest or b"", *(older or b"").split()]
         # Constant-time comparison against each live hash of the job.
         if any(hmac.compare_digest(digest.encode(), h) for h in live if h):
@@ -365,7 +389,7 @@ class JobTable:
                             bylex=True, offset=0, num=limit)
         runs = [[_s(m) for m in run] for run in await pipe.execute()]
         merged = list(heapq.merge(*runs, reverse=descending))[:limit]
-        jobs = await self.get_many([m.split(":", 1)[1] for m in merged])
+        jobs = await self.get_many([self.keys.job_id_of(m.split(":", 1)[1]) for m in merged])
         return Page(jobs, merged[-1] if len(merged) == limit else None)
 
     async def count_by_status(self) -> dict[JobStatus, int]:
@@ -429,7 +453,7 @@ class JobTable:
         pipe = self.redis.pipeline(transaction=False)
         for shard in range(self.keys.shards):
             pipe.zrangebyscore(self.keys.deadline(shard, kind), "-inf", moment, start=0, num=limit, withscores=True)
-        found = [DueItem(_s(m), from_ms(int(score))) for run in await pipe.execute() for m, score in run]
+        found = [DueItem(self.keys.job_id_of(m), from_ms(int(score))) for run in await pipe.execute() for m, score in run]
         return sorted(found, key=lambda item: (item.due_at, item.job_id))[:limit]
 
     # -- helpers -----------------------------------------------------------------

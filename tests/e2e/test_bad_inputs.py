@@ -346,7 +346,7 @@ async def good_messages(topic: str, count: int, *, table, images, mail: MailInde
                 if not (await table.get(job_id)).refund_id:
                     return False
                 purge = table.keys.deadline(shard_of(job_id, table.keys.shards), Deadline.PURGE)
-                return await table.redis.zscore(purge, job_id) is not None
+                return await table.redis.zscore(purge, table.keys.stored_id(job_id)) is not None
             goods.append(good_from(topic, job.job_id, JobEvent.new("failed", job.job_id, data={"reason": "x"}),
                                    "failed (paid)", refunded_and_purge_armed))
         elif topic == "jobs.completed":

@@ -22,7 +22,8 @@ from schemas.job import encode_fields, to_ms
 from schemas.status import Deadline, JobStatus as S
 from services.janitor.handlers import Handled, Janitor, JanitorConfig
 from smi.jobtable import JobTable
-from smi.jobtable.keys import shard_of
+from smi.jobtable.codec import encode_names
+from smi.jobtable.keys import KeySpace, shard_of
 from tests.integration.conftest import REDIS_URL
 from tests.support.jobs import job_fields, make_job
 
@@ -32,6 +33,7 @@ SHARDS = 16  # the production default
 JANITOR_SETS = (Deadline.ABANDON, Deadline.WARN, Deadline.EXPIRE, Deadline.PURGE)
 NOW = datetime.now(UTC).replace(microsecond=0)
 UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+STORED_ID = re.compile(rb"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{22}(?![A-Za-z0-9_-])")
 # Filler jobs, by status, and the (future) deadlines a job in that status carries.
 FILLER_DEADLINES = {
     S.AWAITING_PAYMENT: (Deadline.ABANDON,),
@@ -75,14 +77,15 @@ async def write_filler_jobs(table: JobTable, count: int) -> list[str]:
             job_id, status = ids[i], statuses[i % len(statuses)]
             shard = shard_of(job_id, SHARDS)
             created = to_ms(NOW - timedelta(days=3, seconds=i))
-            pipe.hset(table.keys.job(job_id), mapping={
-                **encode_fields(job_fields(post_id=i)), "job_id": job_id, "status": status.value,
-                "created_at": str(created), "updated_at": str(created), "attempts": "0"})
-            pipe.zadd(table.keys.status_index(shard, status, "c"), {index_member(created, job_id): 0})
-            pipe.zadd(table.keys.status_index(shard, status, "u"), {index_member(created, job_id): 0})
+            pipe.hset(table.keys.job(job_id), mapping=encode_names({
+                **encode_fields(job_fields(post_id=i)), "status": status.value,
+                "created_at": str(created), "updated_at": str(created), "attempts": "0"}))
+            member = index_member(created, table.keys.stored_id(job_id))
+            pipe.zadd(table.keys.status_index(shard, status, "c"), {member: 0})
+            pipe.zadd(table.keys.status_index(shard, status, "u"), {member: 0})
             for kind in FILLER_DEADLINES[status]:
                 due = NOW + timedelta(hours=1) + timedelta(seconds=i)  # all of them later than NOW
-                pipe.zadd(table.keys.deadline(shard, kind), {job_id: to_ms(due)})
+                pipe.zadd(table.keys.deadline(shard, kind), {table.keys.stored_id(job_id): to_ms(due)})
         await pipe.execute()
     return ids
 
@@ -216,6 +219,16 @@ async def test_one_pass_over_100000_jobs_handles_the_100_due_and_reads_only_them
 
 
 def jobs_named(commands: list[tuple]) -> set[str]:
-    """The job ids that appear in any argument of ``commands`` (keys and values)."""
-    return {m.decode() for command in commands for arg in command
-            for m in UUID.findall(arg if isinstance(arg, bytes) else str(arg).encode())}
+    """The job ids that appear in any argument of ``commands`` (keys and values), as
+    UUIDs or in their stored form (22 characters of URL-safe base64; an event id has
+    that form too, but is a version 5 UUID where job ids are version 4)."""
+    named = set()
+    for command in commands:
+        for arg in command:
+            raw = arg if isinstance(arg, bytes) else str(arg).encode()
+            named |= {m.decode() for m in UUID.findall(raw)}
+            for m in STORED_ID.findall(raw):
+                job_id = KeySpace.job_id_of(m)
+                if uuid.UUID(job_id).version == 4:
+                    named.add(job_id)
+    return named

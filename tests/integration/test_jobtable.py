@@ -13,6 +13,7 @@ from schemas.events import rfc3339
 from schemas.status import TRANSITIONS, Deadline, JobStatus as S, Stage, TransitionNotAllowed, find_transition, owner_of
 from services.janitor.handlers import Janitor, JanitorConfig
 from smi.jobtable import DownloadExpired, JobNotFound, JobTable
+from smi.jobtable.codec import field_code
 from smi.jobtable.table import hash_token
 from tests.support.jobs import job_fields, make_job
 
@@ -211,10 +212,11 @@ async def test_second_token_keeps_the_first_and_revoking_replaces_all(table):
     assert same == expiry
     assert (await table.find_by_token(first)) is not None and (await table.find_by_token(second)) is not None
     # The newest hash is stored once; only older live ones go in the second field.
-    newest, older = await table.redis.hmget(table.keys.job(job.job_id), "download_token_hash", "download_token_hashes")
+    newest, older = await table.redis.hmget(table.keys.job(job.job_id), field_code("download_token_hash"),
+                                            field_code("download_token_hashes"))
     assert newest.decode() == hash_token(second) and older.decode().split() == [hash_token(first)]
     third, later = await table.issue_download_token(job.job_id, ttl_hours=48, revoke_others=True)
-    assert await table.redis.hexists(table.keys.job(job.job_id), "download_token_hashes") == 0
+    assert await table.redis.hexists(table.keys.job(job.job_id), field_code("download_token_hashes")) == 0
     assert later > expiry
     assert await table.find_by_token(first) is None and await table.find_by_token(second) is None
     assert (await table.find_by_token(third)).download_expires_at == later
@@ -280,7 +282,7 @@ async def test_history_and_done_markers_live_in_the_job_hash_only(table):
     job = await make_job(table, S.COMPLETED)
     await table.mark_done(job.job_id, "email:ready")
     await table.issue_download_token(job.job_id, ttl_hours=24)
-    job_keys = [k async for k in table.redis.scan_iter(match=f"*{job.job_id}*")]
+    job_keys = [k async for k in table.redis.scan_iter(match=f"*{table.keys.stored_id(job.job_id)}*")]
     assert job_keys == [table.keys.job(job.job_id).encode()]
     assert [h.target for h in await table.history(job.job_id)][-1] is S.COMPLETED
 

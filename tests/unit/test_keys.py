@@ -34,3 +34,14 @@ def test_the_shard_bits_leave_the_rest_random():
     ids = [keys.new_job_id("req-1") for _ in range(200)]
     # Everything but the last three hex digits comes from uuid4: all distinct.
     assert len({i[:-3] for i in ids}) == 200
+
+
+def test_a_job_is_keyed_and_indexed_by_its_22_character_stored_id():
+    keys = KeySpace(16)
+    job_id = keys.new_job_id("req-9")
+    stored = keys.stored_id(job_id)
+    assert len(stored) == 22 and keys.job(job_id) == f"job:{keys.tag_of(job_id)}:{stored}"
+    assert keys.job_id_of(stored) == job_id and keys.job_id_of(stored.encode()) == job_id
+    # An id that is not a canonical UUID keeps its own spelling, told apart by "=".
+    assert keys.job_id_of(keys.stored_id("not-a-uuid")) == "not-a-uuid"
+    assert keys.stored_id(job_id.upper()) != stored

@@ -22,13 +22,14 @@ end
 local fields = cjson.decode(ARGV[6])
 local before = revenue_before(key, touches_revenue(fields, {}, 'new', 'new'))
 apply_fields(key, id, fields, {})
-redis.call('HSET', key, 'job_id', id, 'status', 'new', 'created_at', now, 'attempts', '0')
+-- The job id is the key's last part: the hash does not repeat it.
+redis.call('HSET', key, F.status, 'new', F.created_at, now, F.attempts, '0')
 count_revenue(key, id, before)
 if request_id ~= '' then
-  redis.call('HSET', key, 'request_id', request_id)
+  redis.call('HSET', key, F.request_id, request_id)
   redis.call('HSET', requests, request_id, id)
 end
 redis.call('ZADD', status_index('new', 'c'), 0, member(now, id))
 touch(key, id, 'new', now)
-append_history(key, now, '', 'new', actor, '')
+append_history(key, now, now, '', 'new', actor, '')
 return {1, id, redis.call('HGETALL', key)}

@@ -11,11 +11,11 @@
 local id, now, hash, expires, warn, revoke = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local key = KEYS[1]
 local tokens = lookup_index('tok')
-local status = redis.call('HGET', key, 'status')
+local status = redis.call('HGET', key, F.status)
 if not status then return {'missing', '', ''} end
-if redis.call('HEXISTS', key, 'download_expired_at') == 1 then return {'expired', status, ''} end
+if redis.call('HEXISTS', key, F.download_expired_at) == 1 then return {'expired', status, ''} end
 if ARGV[8] == '1' then
-  local current = redis.call('HGET', key, 'download_expires_at')
+  local current = redis.call('HGET', key, F.download_expires_at)
   if current and tonumber(current) > tonumber(expires) then expires, warn = current, '' end
 end
 
@@ -23,18 +23,18 @@ end
 -- in download_token_hashes (absent when there are none: the usual single link
 -- costs one copy of its hash, not two).
 local older = {}
-local previous = redis.call('HGET', key, 'download_token_hash')
-local kept = redis.call('HGET', key, 'download_token_hashes') or ''
+local previous = redis.call('HGET', key, F.download_token_hash)
+local kept = redis.call('HGET', key, F.download_token_hashes) or ''
 if previous then kept = kept .. ' ' .. previous end
 for old in string.gmatch(kept, '%S+') do
   if revoke == '1' then redis.call('HDEL', tokens, old) else older[#older + 1] = old end
 end
 redis.call('HSET', tokens, hash, id)
-redis.call('HSET', key, 'download_token_hash', hash, 'download_expires_at', expires)
+redis.call('HSET', key, F.download_token_hash, hash, F.download_expires_at, expires)
 if #older > 0 then
-  redis.call('HSET', key, 'download_token_hashes', table.concat(older, ' '))
+  redis.call('HSET', key, F.download_token_hashes, table.concat(older, ' '))
 else
-  redis.call('HDEL', key, 'download_token_hashes')
+  redis.call('HDEL', key, F.download_token_hashes)
 end
 touch(key, id, status, now)
 redis.call('ZADD', deadline_set('expire'), expires, id)

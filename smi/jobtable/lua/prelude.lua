@@ -6,11 +6,12 @@
 -- which index keys to touch depends on the job's current status, known only inside.
 
 local TAG = ARGV[1]
+-- Fields are stored under short codes (smi/jobtable/codec.py): F.<name> is the code.
 local LOOKUPS = {
-  stripe_checkout_session_id = 'cs',
-  stripe_payment_intent_id = 'pi',
-  upsampler_job_id = 'up',
-  callback_token_hash = 'cb',
+  [F.stripe_checkout_session_id] = 'cs',
+  [F.stripe_payment_intent_id] = 'pi',
+  [F.upsampler_job_id] = 'up',
+  [F.callback_token_hash] = 'cb',
 }
 
 local function status_index(status, order)
@@ -58,10 +59,10 @@ end
 
 -- Move the job's "by updated_at" index member and stamp updated_at.
 local function touch(key, id, status, now)
-  local old = redis.call('HGET', key, 'updated_at')
+  local old = redis.call('HGET', key, F.updated_at)
   if old then redis.call('ZREM', status_index(status, 'u'), member(old, id)) end
   redis.call('ZADD', status_index(status, 'u'), 0, member(now, id))
-  redis.call('HSET', key, 'updated_at', now)
+  redis.call('HSET', key, F.updated_at, now)
 end
 
 local function apply_deadlines(id, set, clear)
@@ -69,15 +70,19 @@ local function apply_deadlines(id, set, clear)
   for kind, due in pairs(set) do redis.call('ZADD', deadline_set(kind), due, id) end
 end
 
--- The history is one field of the job hash, 'history': a line per status change,
--- "<ms> <from> <to> <by> <event id>\n" ('-' for no source or no event id). A field
--- costs a few bytes of overhead where a list key per job cost about 300 (key,
--- quicklist, JSON); event ids never hold whitespace (JobTable.transition checks).
-local function append_history(key, now, from, to, by, event_id)
-  local old = redis.call('HGET', key, 'history') or ''
-  if from == '' then from = '-' end
+-- The history is one field of the job hash, F.history: a line per status change,
+-- "<ms> <from> <to> <by> <event id>\n" where <ms> counts from the job's created_at
+-- (a few digits where the moment took 13), the statuses are as STATUS_CODE gives
+-- them, the actor is its code and the event id is as the caller stored it ('-' for
+-- no source or no event id; smi/jobtable/codec.py). A field costs a few bytes of
+-- overhead where a list key per job cost about 300 (key, quicklist, JSON); event
+-- ids never hold whitespace (JobTable.transition checks).
+local function append_history(key, created, now, from, to, by, event_id)
+  local old = redis.call('HGET', key, F.history) or ''
+  local at = string.format('%d', tonumber(now) - tonumber(created))
+  from = from == '' and '-' or STATUS_CODE[from]
   if event_id == '' then event_id = '-' end
-  redis.call('HSET', key, 'history', old .. now .. ' ' .. from .. ' ' .. to .. ' ' .. by .. ' ' .. event_id .. '\n')
+  redis.call('HSET', key, F.history, old .. at .. ' ' .. from .. ' ' .. STATUS_CODE[to] .. ' ' .. by .. ' ' .. event_id .. '\n')
 end
 
 -- Running revenue figures, one hash per shard, 'rev:' .. TAG (smi/ops/revenue.py
@@ -94,11 +99,11 @@ end
 -- while a rebuild runs, its cursor 'rebuild_at' and its own sums 'new:<figure>'.
 local REVENUE = 'rev:' .. TAG
 local FIGURES = {'charged', 'paid_jobs', 'cost', 'refunded', 'refunded_jobs'}
-local REVENUE_FIELDS = {status = true, paid_at = true, price_cents = true, cost_cents = true,
-                        refund_amount_cents = true}
+local REVENUE_FIELDS = {[F.status] = true, [F.paid_at] = true, [F.price_cents] = true, [F.cost_cents] = true,
+                        [F.refund_amount_cents] = true}
 
 local function contribution(key)
-  local f = redis.call('HMGET', key, 'status', 'paid_at', 'price_cents', 'cost_cents', 'refund_amount_cents')
+  local f = redis.call('HMGET', key, F.status, F.paid_at, F.price_cents, F.cost_cents, F.refund_amount_cents)
   local paid = f[2] and 1 or 0
   local refunded = f[5] and 1 or 0
   return {paid * (tonumber(f[3]) or 0), paid, f[1] == 'completed' and (tonumber(f[4]) or 0) or 0,
@@ -144,7 +149,7 @@ local function count_revenue(key, id, before)
         local cursor = redis.call('HGET', REVENUE, 'rebuild_at')
         counted_by_rebuild = false
         if cursor then
-          local m = member(redis.call('HGET', key, 'created_at') or '', id)
+          local m = member(redis.call('HGET', key, F.created_at) or '', id)
           counted_by_rebuild = not lex_less(cursor, m)
         end
       end

@@ -8,7 +8,7 @@
 -- Returns {outcome, status}; outcome is applied|rejected|missing.
 local id, now = ARGV[2], ARGV[3]
 local key = KEYS[1]
-local status = redis.call('HGET', key, 'status')
+local status = redis.call('HGET', key, F.status)
 if not status then return {'missing', ''} end
 local expect = cjson.decode(ARGV[6])
 if #expect > 0 then

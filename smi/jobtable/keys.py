@@ -2,7 +2,7 @@
 job's keys and its shard's indexes share the tag, so each script touches one
 Redis Cluster slot (design.md, "Durability ... Scale"). <id> is the job id as
 stored: a UUID's 16 bytes in URL-safe base64, 22 characters (codec.compact_id),
-so each of the nine places a job's id is held costs 14 bytes less.
+so the key and each index entry (nine for a completed job) cost 14 bytes less.
 
     job:{s3}:<id>                hash: the job record under short field codes, with
                                  its history and the side effects done (codec.py)

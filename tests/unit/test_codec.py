@@ -83,3 +83,12 @@ def test_stored_ids_sort_as_the_uuids_do():
 def test_anything_but_a_stored_id_is_refused(stored):
     with pytest.raises(ValueError):
         codec.expand_id(stored)
+
+
+@pytest.mark.parametrize("value", [str(uuid.uuid4()).upper(), "{" + str(uuid.uuid4()) + "}", uuid.uuid4().hex,
+                                   str(uuid.uuid4())[:-1] + "g", str(uuid.uuid4())[:-1] + " ",
+                                   str(uuid.uuid4()).replace("-", " "), "a" * 8 + "-" * 28,
+                                   "urn:uuid:" + str(uuid.uuid4())])
+def test_only_the_canonical_spelling_of_a_uuid_is_compacted(value):
+    stored = codec.compact_id(value)
+    assert stored == "=" + value and codec.expand_id(stored) == value

@@ -21,7 +21,8 @@ from schemas.status import JobStatus
 from smi.jobtable import JobNotFound, JobTable
 from smi.kafka.producer import EventProducer
 from smi.ops.commands import send_command
-from smi.ops.jobs import MAX_LIMIT, ORDER_BY, list_jobs, opened_table, require_job, show_job
+from smi.ops.jobs import (FIND_BY, MAX_LIMIT, ORDER_BY, find_job, job_view, list_jobs, opened_table, require_job,
+                          show_job)
 from smi.ops.lag import measure, watch
 from smi.ops.render import console, job_detail, jobs_table, lag_tables, revenue_table
 from smi.ops import revenue as revenue_ops
@@ -166,6 +167,25 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         view = _on_table(lambda table: show_job(table, args.job_id))
     except JobNotFound:
         return _not_found(args.job_id)
+    if args.json:
+        _print_json(view)
+    else:
+        console().print(job_detail(view))
+    return 0
+
+
+def cmd_jobs_find(args: argparse.Namespace) -> int:
+    kind = next(kind for kind in FIND_BY if getattr(args, kind))
+    value = getattr(args, kind)
+
+    async def found(table: JobTable) -> dict[str, Any]:
+        return await job_view(table, await find_job(table, kind, value))
+
+    try:
+        view = _on_table(found)
+    except JobNotFound:
+        print(f"no job with {kind.replace('_', ' ')} {value}", file=sys.stderr)
+        return 1
     if args.json:
         _print_json(view)
     else:
@@ -361,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = jobs_commands.add_parser("show", parents=[as_json], help="one job and its history")
     show.add_argument("job_id", metavar="ID")
     show.set_defaults(handler=cmd_jobs_show)
+    find = jobs_commands.add_parser("find", parents=[as_json],
+                                    help="the job of a Stripe checkout session, payment intent or upscaler job")
+    by = find.add_mutually_exclusive_group(required=True)
+    by.add_argument("--checkout-session", dest="checkout_session", metavar="ID", help="a Stripe cs_... id")
+    by.add_argument("--payment-intent", dest="payment_intent", metavar="ID", help="a Stripe pi_... id")
+    by.add_argument("--upsampler-job", dest="upsampler_job", metavar="ID", help="the upscaler's job id")
+    find.set_defaults(handler=cmd_jobs_find)
     retry = jobs_commands.add_parser("retry", help="ask the processor to process a failed job again")
     retry.add_argument("job_id", metavar="ID")
     retry.add_argument("--force", action="store_true", help="retry even if the job was refunded")

@@ -94,6 +94,9 @@ async def measure_lag(ctx: GatewayContext) -> list[lag.GroupLag]:
 
 async def list_jobs(request: web.Request) -> web.Response:
     query = request.query
+    lookups = [kind for kind in jobs.FIND_BY if kind in query]
+    if lookups:
+        return await _find_job(request, lookups)
     try:
         page = await jobs.list_jobs(request.app[CONTEXT].table, statuses=parse_statuses(query.get("status", "")),
                                     limit=parse_limit(query.get("limit"), DEFAULT_LIMIT),
@@ -101,6 +104,22 @@ async def list_jobs(request: web.Request) -> web.Response:
     except ValueError as exc:
         return problem(400, str(exc))
     return web.json_response({"jobs": [job.redacted() for job in page.jobs], "next_cursor": page.next_cursor})
+
+
+async def _find_job(request: web.Request, lookups: list[str]) -> web.Response:
+    """``?checkout_session=`` / ``payment_intent=`` / ``upsampler_job=``: the one job
+    that id belongs to, as a listing of one (or none), narrowed by ``status`` too."""
+    if len(lookups) > 1:
+        return problem(400, f"find by one of {', '.join(jobs.FIND_BY)} at a time, not {', '.join(lookups)}")
+    try:
+        statuses = parse_statuses(request.query.get("status", ""))
+        job = await jobs.find_job(request.app[CONTEXT].table, lookups[0], request.query[lookups[0]])
+    except ValueError as exc:
+        return problem(400, str(exc))
+    except JobNotFound:
+        job = None
+    found = [job.redacted()] if job and (statuses is None or job.status in statuses) else []
+    return web.json_response({"jobs": found, "next_cursor": None})
 
 
 async def show_job(request: web.Request) -> web.Response:

@@ -133,7 +133,7 @@ async def job_list(request: web.Request, session: str) -> web.Response:
     form["limit"] = str(limit)
     if form["job_id"]:
         try:
-            job = await jobs.require_job(table, form["job_id"])
+            job = await jobs.job_named(table, form["job_id"])
         except JobNotFound:
             return page(html.jobs_page(jobs=[], error=f"No job with id {form['job_id']}.", **show), 404)
         raise web.HTTPSeeOther(html.job_url(job.job_id))

@@ -15,8 +15,9 @@ with the old code would read wrong); add new ones.
 The history is one field, a line per status change:
     "<ms since created_at> <from code> <to code> <actor code> <event id>\\n"   ('-': none)
 where an event id that is a UUID (make_event_id's always are) is stored as its 16
-bytes in 22 characters of base64, and any other as "=" + itself (compact_id). Job ids are stored the same way wherever the table holds them: in
-the job's key, index members, lookup values and deadline sets (keys.py).
+bytes in 22 characters of base64, and any other as "=" + itself (compact_id). Job
+ids are stored the same way wherever the table holds them: in the job's key, index
+members, lookup values and deadline sets (keys.py).
 """
 
 from __future__ import annotations

@@ -179,7 +179,8 @@ class JobTable:
         clear_deadlines = [d.value for d in deadlines_left_by(target)]
         outcome, previous = await self._scripts["transition"](
             keys=[self.keys.job(job_id)],
-            args=[self.keys.tag_of(job_id), self.keys.stored_id(job_id), target.value, _json(sorted(s.value for s in sources)),
+            args=[self.keys.tag_of(job_id), self.keys.stored_id(job_id), target.value,
+                  _json(sorted(s.value for s in sources)),
                   codec.ACTOR_CODES[actor], codec.compact_id(event_id), to_ms(now or self.clock()),
                   _json(codec.encode_names(encode_fields(fields))), _json(_codes(clear)),
                   _json({d.value: to_ms(t) for d, t in (deadlines or {}).items()}),
@@ -453,7 +454,8 @@ class JobTable:
         pipe = self.redis.pipeline(transaction=False)
         for shard in range(self.keys.shards):
             pipe.zrangebyscore(self.keys.deadline(shard, kind), "-inf", moment, start=0, num=limit, withscores=True)
-        found = [DueItem(self.keys.job_id_of(m), from_ms(int(score))) for run in await pipe.execute() for m, score in run]
+        found = [DueItem(self.keys.job_id_of(m), from_ms(int(score)))
+                 for run in await pipe.execute() for m, score in run]
         return sorted(found, key=lambda item: (item.due_at, item.job_id))[:limit]
 
     # -- helpers -----------------------------------------------------------------

@@ -54,13 +54,54 @@ async def require_job(table: JobTable, job_id: str) -> Job:
     return await table.get(job_id)
 
 
+# What an operator may find a job by besides its id: the ids other systems show
+# (Stripe's dashboard and receipts, the Upsampler's), each the job table keeps an
+# index of. The token lookups stay inside the gateway: a token never reaches an operator.
+FIND_BY: dict[str, str] = {
+    "checkout_session": "stripe_checkout_session_id",
+    "payment_intent": "stripe_payment_intent_id",
+    "upsampler_job": "upsampler_job_id",
+}
+MAX_LOOKUP_LENGTH = 255
+
+
+async def find_job(table: JobTable, kind: str, value: str) -> Job:
+    """The job a Stripe checkout session, payment intent or upscaler job belongs to
+    (one lookup per shard); JobNotFound when none does."""
+    if kind not in FIND_BY:
+        raise ValueError(f"find by one of {', '.join(FIND_BY)}, not {kind!r}")
+    if not value or len(value) > MAX_LOOKUP_LENGTH or not value.isprintable() or any(c.isspace() for c in value):
+        raise JobNotFound(value)  # no id of those systems looks like this
+    job = await table.find_by(kind, value)
+    if job is None or getattr(job, FIND_BY[kind]) != value:
+        raise JobNotFound(value)
+    return job
+
+
+async def job_named(table: JobTable, text: str) -> Job:
+    """The job an operator names by any id they may hold: a Stripe checkout session
+    (cs_...) or payment intent (pi_...), the job's own id, or else the upscaler's job
+    id (a UUID too, so tried after the job id). JobNotFound when none matches."""
+    if text.startswith("cs_"):
+        return await find_job(table, "checkout_session", text)
+    if text.startswith("pi_"):
+        return await find_job(table, "payment_intent", text)
+    try:
+        return await require_job(table, text)
+    except JobNotFound:
+        return await find_job(table, "upsampler_job", text)
+
+
 async def show_job(table: JobTable, job_id: str) -> dict[str, Any]:
     """The redacted job plus its transition history, oldest first."""
-    job = await require_job(table, job_id)
+    return await job_view(table, await require_job(table, job_id))
+
+
+async def job_view(table: JobTable, job: Job) -> dict[str, Any]:
     view = job.redacted()
     view["history"] = [
         {"at": rfc3339(entry.at), "from": entry.source.value if entry.source else None,
          "to": entry.target.value, "by": entry.actor, "event_id": entry.event_id}
-        for entry in await table.history(job_id)
+        for entry in await table.history(job.job_id)
     ]
     return view

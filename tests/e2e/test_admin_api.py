@@ -84,6 +84,34 @@ async def test_jobs_are_listed_redacted_filtered_and_ordered(admin, table, http)
     assert len(seen) == len(set(seen))  # no page repeats a job
 
 
+async def test_a_job_is_found_by_its_stripe_and_upscaler_ids(admin, table, http):
+    job = await make_job(table, S.COMPLETED)
+    ids = {"checkout_session": f"cs_test_{uuid.uuid4().hex}", "payment_intent": f"pi_{uuid.uuid4().hex[:24]}",
+           "upsampler_job": str(uuid.uuid4())}
+    await table.update(job.job_id, {"stripe_checkout_session_id": ids["checkout_session"],
+                                    "stripe_payment_intent_id": ids["payment_intent"],
+                                    "upsampler_job_id": ids["upsampler_job"]})
+    for kind, value in ids.items():
+        status, body, _ = await call(http, "GET", f"{admin.url}/admin/jobs", headers=AUTH, params={kind: value})
+        assert status == 200 and [j["job_id"] for j in body["jobs"]] == [job.job_id], kind
+        assert "email" not in body["jobs"][0] and body["next_cursor"] is None
+    for params in ({"payment_intent": ids["payment_intent"], "status": "completed,failed"},):
+        status, body, _ = await call(http, "GET", f"{admin.url}/admin/jobs", headers=AUTH, params=params)
+        assert status == 200 and len(body["jobs"]) == 1
+    # Another status, an id no job has, one that no system would issue: nothing found.
+    for params in ({"payment_intent": ids["payment_intent"], "status": "failed"},
+                   {"payment_intent": "pi_" + uuid.uuid4().hex}, {"checkout_session": "cs test"},
+                   {"upsampler_job": ids["payment_intent"]}):
+        status, body, _ = await call(http, "GET", f"{admin.url}/admin/jobs", headers=AUTH, params=params)
+        assert (status, body["jobs"]) == (200, []), params
+    status, body, _ = await call(http, "GET", f"{admin.url}/admin/jobs", headers=AUTH,
+                                 params={"payment_intent": ids["payment_intent"], "upsampler_job": "x"})
+    assert status == 400 and "one of" in body["error"]
+    status, body, _ = await call(http, "GET", f"{admin.url}/admin/jobs", headers=AUTH,
+                                 params={"payment_intent": ids["payment_intent"], "status": "bogus"})
+    assert status == 400 and "bogus" in body["error"]
+
+
 async def test_guessing_the_token_is_slowed_down(admin):
     async with client_from("127.0.0.93") as guesser:
         for attempt in range(20):

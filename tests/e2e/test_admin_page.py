@@ -116,6 +116,26 @@ async def test_the_email_filter_finds_a_customer_by_whole_address_and_pages(admi
     assert address not in (await page.locator("table").inner_text()).lower()
 
 
+async def test_the_job_id_box_takes_a_stripe_payment_or_upscaler_id_too(admin, browser, table):
+    job = await make_job(table, S.COMPLETED)
+    session, intent, upscaled = f"cs_test_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex[:24]}", str(uuid.uuid4())
+    await table.update(job.job_id, {"stripe_checkout_session_id": session, "stripe_payment_intent_id": intent,
+                                    "upsampler_job_id": upscaled})
+    page = await browser.new_page()
+    await page.goto(f"{admin.url}/admin")
+    await log_in(page, TOKEN)
+    for typed in (session, intent, upscaled, job.job_id):
+        await page.fill("input[name=job_id]", typed)
+        async with page.expect_navigation():
+            await page.click("button:has-text('Filter')")
+        assert page.url.endswith(f"/admin/ui/jobs/{job.job_id}"), typed
+        await page.go_back()
+    await page.fill("input[name=job_id]", f"pi_{uuid.uuid4().hex[:24]}")
+    async with page.expect_navigation():
+        await page.click("button:has-text('Filter')")
+    assert "No job with id pi_" in await page.content()
+
+
 async def test_forms_need_the_csrf_token_and_logout_ends_the_session(admin, browser, table, watcher):
     job = await make_job(table, S.COMPLETED)
     page = await browser.new_page()

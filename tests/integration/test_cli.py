@@ -40,9 +40,9 @@ class Run:
         return json.loads(self.out)
 
 
-async def smi(*args: str) -> Run:
+async def smi(*args: str, namespace: str = NAMESPACE) -> Run:
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": BOOTSTRAP, "REDIS_URL": REDIS_URL,
-           "REDIS_NAMESPACE": NAMESPACE, "REDIS_SHARDS": str(SHARDS), "REDIS_CLUSTER_NODES": ""}
+           "REDIS_NAMESPACE": namespace, "REDIS_SHARDS": str(SHARDS), "REDIS_CLUSTER_NODES": ""}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "smi.cli", *args, cwd=ROOT, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
@@ -157,6 +157,36 @@ async def test_show_of_no_such_job_exits_1(seeded, job_id):
     run = await smi("jobs", "show", job_id, "--json")
     assert (run.code, run.out) == (1, "")
     assert job_id in run.err
+
+
+async def test_find_gives_the_job_of_a_stripe_or_upscaler_id():
+    # A namespace of its own: the revenue tests count every job of the seeded one.
+    namespace = f"clifind{uuid.uuid4().hex[:10]}:"
+    redis = connect(REDIS_URL)
+    table = JobTable(redis, shards=SHARDS, namespace=namespace)
+    try:
+        job = await make_job(table, S.COMPLETED)
+        session, intent, upscaled = f"cs_test_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex[:24]}", str(uuid.uuid4())
+        await table.update(job.job_id, {"stripe_checkout_session_id": session, "stripe_payment_intent_id": intent,
+                                        "upsampler_job_id": upscaled})
+    finally:
+        await redis.aclose()
+    for flag, value in (("--checkout-session", session), ("--payment-intent", intent), ("--upsampler-job", upscaled)):
+        run = await smi("jobs", "find", flag, value, "--json", namespace=namespace)
+        assert run.code == 0, run.err
+        view = run.json()
+        assert view["job_id"] == job.job_id and view["history"][-1]["to"] == "completed"
+        assert "email" not in view and EMAIL not in run.out
+    readable = await smi("jobs", "find", "--payment-intent", intent, namespace=namespace)
+    assert readable.code == 0 and job.job_id in readable.out and "history" in readable.out
+
+
+@pytest.mark.parametrize("args", [("--payment-intent", "pi_nobody"), ("--checkout-session", "cs with spaces"),
+                                  ("--upsampler-job", "x" * 300)])
+async def test_find_of_an_id_no_job_has_exits_1(seeded, args):
+    run = await smi("jobs", "find", *args, "--json")
+    assert (run.code, run.out) == (1, "")
+    assert "no job with" in run.err
 
 
 # ------------------------------------------------------------------------ commands
@@ -282,6 +312,8 @@ async def test_lag_json_lists_every_stage_group():
     (["jobs", "list", "--status", "failed,paid"], "paid"),
     (["jobs", "list", "--order-by", "x"], "--order-by"),
     (["jobs", "show"], "ID"),
+    (["jobs", "find"], "one of the arguments"),
+    (["jobs", "find", "--payment-intent", "pi_1", "--upsampler-job", "u"], "not allowed"),
     (["jobs", "frobnicate"], "frobnicate"),
     (["jobs", "resend", str(uuid.uuid4()), "--force"], "--force"),
     (["revenue", "--watch"], "--watch"),

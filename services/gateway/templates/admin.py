@@ -113,7 +113,8 @@ def jobs_page(*, jobs: list[dict[str, Any]], form: Mapping[str, str], statuses: 
         f'{_options(PAYMENT_STATUSES, form.get("payment_status", ""), any_label="any")}</select></label>'
         f'<label>Customer email (whole address)<input type="email" name="email" value="{esc(form.get("email"))}">'
         f'</label>'
-        f'<label>Job id<input name="job_id" size="38" value="{esc(form.get("job_id"))}"></label>'
+        f'<label title="the job id, a Stripe cs_... or pi_... id, or the upscaler\'s job id">Job, Stripe or upscaler id'
+        f'<input name="job_id" size="38" value="{esc(form.get("job_id"))}"></label>'
         f'<label>Rows<select name="limit">{_options(PAGE_SIZES, form.get("limit", ""))}</select></label>'
         f'<button type="submit">Filter</button><a href="{JOBS}">Clear</a></form>')
     rows = "".join(

@@ -167,11 +167,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         view = _on_table(lambda table: show_job(table, args.job_id))
     except JobNotFound:
         return _not_found(args.job_id)
-    if args.json:
-        _print_json(view)
-    else:
-        console().print(job_detail(view))
-    return 0
+    return _print_job(view, as_json=args.json)
 
 
 def cmd_jobs_find(args: argparse.Namespace) -> int:
@@ -186,7 +182,11 @@ def cmd_jobs_find(args: argparse.Namespace) -> int:
     except JobNotFound:
         print(f"no job with {kind.replace('_', ' ')} {value}", file=sys.stderr)
         return 1
-    if args.json:
+    return _print_job(view, as_json=args.json)
+
+
+def _print_job(view: dict[str, Any], *, as_json: bool) -> int:
+    if as_json:
         _print_json(view)
     else:
         console().print(job_detail(view))

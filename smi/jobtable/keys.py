@@ -57,7 +57,12 @@ class KeySpace:
         return self.tag(shard_of(job_id, self.shards))
 
     def job(self, job_id: str) -> str:
-        return f"job:{self.tag_of(job_id)}:{compact_id(job_id)}"
+        return self.job_key(self.tag_of(job_id), compact_id(job_id))
+
+    @staticmethod
+    def job_key(tag: str, stored_id: str) -> str:
+        """The job hash's key from its shard tag and stored id (both already at hand)."""
+        return f"job:{tag}:{stored_id}"
 
     @staticmethod
     def stored_id(job_id: str) -> str:

@@ -14,7 +14,7 @@ import secrets
 import string
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Literal, Mapping
 
 from schemas.events import utcnow
 from schemas.job import MANAGED_FIELDS, Job, encode_fields, encode_value, from_ms, to_ms
@@ -33,7 +33,8 @@ OrderBy = Literal["created_at", "updated_at"]
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 TOKEN_LENGTH = 64
 _JOB_FIELDS = frozenset(Job.model_fields)
-_STORED_FIELDS = frozenset(codec.FIELD_CODES)
+# Fields update() may compare: the record's own, as stored (the job id is the key's).
+_COMPARABLE_FIELDS = _JOB_FIELDS & frozenset(codec.FIELD_CODES)
 
 
 class DownloadExpired(PermanentError):
@@ -149,12 +150,9 @@ class JobTable:
         self._check_fields(fields)
         job_id = self.keys.new_job_id(request_id)
         moment = now or self.clock()
-        created, existing_id, flat = await self._scripts["create"](
-            keys=[self.keys.job(job_id)],
-            args=[self.keys.tag_of(job_id), self.keys.stored_id(job_id), request_id or "", to_ms(moment),
-                  codec.ACTOR_CODES[actor],
-                  _json(codec.encode_names(encode_fields(fields)))],
-        )
+        created, existing_id, flat = await self._on_job(
+            "create", job_id, request_id or "", to_ms(moment), codec.ACTOR_CODES[actor],
+            _json(codec.encode_names(encode_fields(fields))))
         if not flat:  # the request's job was deleted by hand, its request index entry kept
             raise JobNotFound(self.keys.job_id_of(existing_id))
         return _job(dict(zip(flat[::2], flat[1::2])), self.keys.job_id_of(existing_id)), bool(int(created))
@@ -177,15 +175,11 @@ class JobTable:
         self._check_fields(fields, clear)
         # Leaving a status leaves the deadline sets tied to it (abandon -> awaiting_payment).
         clear_deadlines = [d.value for d in deadlines_left_by(target)]
-        outcome, previous = await self._scripts["transition"](
-            keys=[self.keys.job(job_id)],
-            args=[self.keys.tag_of(job_id), self.keys.stored_id(job_id), target.value,
-                  _json(sorted(s.value for s in sources)),
-                  codec.ACTOR_CODES[actor], codec.compact_id(event_id), to_ms(now or self.clock()),
-                  _json(codec.encode_names(encode_fields(fields))), _json(_codes(clear)),
-                  _json({d.value: to_ms(t) for d, t in (deadlines or {}).items()}),
-                  _json(clear_deadlines)],
-        )
+        outcome, previous = await self._on_job(
+            "transition", job_id, target.value, _json(sorted(s.value for s in sources)),
+            codec.ACTOR_CODES[actor], codec.compact_id(event_id), to_ms(now or self.clock()),
+            _json(codec.encode_names(encode_fields(fields))), _json(_codes(clear)),
+            _json({d.value: to_ms(t) for d, t in (deadlines or {}).items()}), _json(clear_deadlines))
         outcome, previous = _s(outcome), _s(previous)
         if outcome == "missing":
             raise JobNotFound(job_id)
@@ -206,17 +200,14 @@ class JobTable:
         self._check_fields(fields, clear)
         expected = {name: None if value is None else encode_value(name, value)
                     for name, value in (expect_fields or {}).items()}
-        unknown = set(expected) - _STORED_FIELDS  # comparing a managed field is fine: it is only read
+        unknown = set(expected) - _COMPARABLE_FIELDS  # comparing a managed field is fine: it is only read
         if unknown:
             raise ValueError(f"unknown job fields: {', '.join(sorted(unknown))}")
-        outcome, _ = await self._scripts["update"](
-            keys=[self.keys.job(job_id)],
-            args=[self.keys.tag_of(job_id), self.keys.stored_id(job_id), to_ms(now or self.clock()),
-                  _json(codec.encode_names(encode_fields(fields))), _json(_codes(clear)),
-                  _json([s.value for s in expect_status]),
-                  _json({d.value: to_ms(t) for d, t in (deadlines or {}).items()}),
-                  _json([d.value for d in clear_deadlines]), _json(codec.encode_names(expected))],
-        )
+        outcome, _ = await self._on_job(
+            "update", job_id, to_ms(now or self.clock()), _json(codec.encode_names(encode_fields(fields))),
+            _json(_codes(clear)), _json([s.value for s in expect_status]),
+            _json({d.value: to_ms(t) for d, t in (deadlines or {}).items()}),
+            _json([d.value for d in clear_deadlines]), _json(codec.encode_names(expected)))
         if _s(outcome) == "missing":
             raise JobNotFound(job_id)
         return _s(outcome) == "applied"
@@ -237,13 +228,10 @@ class JobTable:
         expiry = from_ms(to_ms(expires_at or moment + timedelta(hours=ttl_hours)))
         warn_at = expiry - timedelta(hours=warn_hours) if warn_hours else None
         token = new_download_token()
-        outcome, _, stored = await self._scripts["issue_token"](
-            keys=[self.keys.job(job_id)],
-            args=[self.keys.tag_of(job_id), self.keys.stored_id(job_id), to_ms(moment), hash_token(token),
-                  to_ms(expiry),
-                  to_ms(warn_at) if warn_at and warn_at > moment else "", "1" if revoke_others else "0",
-                  "1" if expires_at is not None else "0"],
-        )
+        outcome, _, stored = await self._on_job(
+            "issue_token", job_id, to_ms(moment), hash_token(token), to_ms(expiry),
+            to_ms(warn_at) if warn_at and warn_at > moment else "", "1" if revoke_others else "0",
+            "1" if expires_at is not None else "0")
         if _s(outcome) == "missing":
             raise JobNotFound(job_id)
         if _s(outcome) == "expired":
@@ -297,9 +285,7 @@ class JobTable:
         does not exist records nothing (False)."""
         if any(c.isspace() for c in step):
             raise ValueError(f"a step name holds no whitespace: {step!r}")
-        return int(await self._scripts["mark_done"](keys=[self.keys.job(job_id)],
-                                                    args=[self.keys.tag_of(job_id), self.keys.stored_id(job_id),
-                                                          step])) == 1
+        return int(await self._on_job("mark_done", job_id, step)) == 1
 
     async def is_done(self, job_id: str, step: str) -> bool:
         """Whether ``step`` was marked done. A job just read says so itself, without
@@ -459,6 +445,12 @@ class JobTable:
         return sorted(found, key=lambda item: (item.due_at, item.job_id))[:limit]
 
     # -- helpers -----------------------------------------------------------------
+
+    def _on_job(self, script: str, job_id: str, *args: Any) -> Awaitable[Any]:
+        """Run a script of one job: KEYS[1] its hash, ARGV its shard tag, its stored
+        id, then ``args`` (the layout every job script shares; lua/prelude.lua)."""
+        tag, stored = self.keys.tag_of(job_id), self.keys.stored_id(job_id)
+        return self._scripts[script](keys=[self.keys.job_key(tag, stored)], args=[tag, stored, *args])
 
     @staticmethod
     def _check_fields(fields: Mapping[str, Any], clear: Iterable[str] = ()) -> None:

@@ -11,7 +11,8 @@ by due time: a pass costs O(due jobs), never a scan of all jobs.
   awaiting_payment -> abandoned, ``jobs.abandoned`` once. ``checkout.session.expired``
   on ``payments.events`` runs the same step.
 - WARN (the download expires within EXPIRY_WARNING_HOURS): ``jobs.expiring`` once per
-  expiry.
+  expiry; then the download's EXPIRE item is armed. A download waits in one set at a
+  time (WARN, then EXPIRE), which saves Redis an entry per completed job.
 - EXPIRE (the download expired): ``download_expired_at`` recorded and the file path
   cleared (compare-and-set on the expiry read, so a resend that lands meanwhile
   wins), then the job's files deleted; the status stays completed.
@@ -154,7 +155,7 @@ class Janitor:
         expires = job.download_expires_at
         if (job.status is not JobStatus.COMPLETED or expires is None or job.download_expired_at is not None
                 or expires <= now):
-            await self._release(job, Deadline.WARN, now)  # no live download to warn about
+            await self._end_warning(job, now)  # no live download to warn about
             return False
         warn_at = expires - self.config.expiry_warning
         if warn_at > now:
@@ -167,7 +168,7 @@ class Janitor:
         await self._publish_once(JOBS_EXPIRING, event, f"expiring:{expires_ms}")
         # A resend may have armed the warning for its new expiry since the claim:
         # that one stays.
-        await self._release(job, Deadline.WARN, now)
+        await self._end_warning(job, now)
         return True
 
     async def _expire(self, job: Job, now: datetime) -> bool:
@@ -236,6 +237,11 @@ class Janitor:
         writer may arm the deadline again (a resend issues a new token and sets the
         warning for its expiry): a plain ZREM would drop that new deadline too."""
         await self.table.clear_deadline(job.job_id, kind, if_due_at=self.table.lease_end(now, self.config.lease))
+
+    async def _end_warning(self, job: Job, now: datetime) -> None:
+        """Release a handled WARN item as _release does, and arm the download's
+        EXPIRE item, which waits for its warning (lua/end_warning.lua)."""
+        await self.table.end_warning(job.job_id, if_due_at=self.table.lease_end(now, self.config.lease))
 
     async def _erase_old_emails(self, cutoff: datetime, now: datetime) -> int:
         """Erase the email of every job created before ``cutoff``, oldest first, from

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import uuid
 from typing import Any, Mapping
 
@@ -132,9 +133,20 @@ def expand_id(stored: str) -> str:
         raise ValueError(f"not a stored id: {stored!r}") from exc
 
 
+# The lookup hashes (keys.py) file a value under the first LOOKUP_DIGITS hex digits
+# of its SHA-1: 112 bits, the most that fit Redis's 32-byte string class.
+LOOKUP_DIGITS = 28
+
+
+def lookup_field(value: str) -> str:
+    """The field a value is filed under in a lookup hash (Lua: lookup_field)."""
+    return hashlib.sha1(value.encode("utf-8")).hexdigest()[:LOOKUP_DIGITS]
+
+
 def lua_constants() -> str:
     """The codes as Lua tables, prepended to every script: F.<field name> is the
     field's code, STATUS_CODE[<status>] a status's code in the history."""
     fields = ", ".join(f"{name} = '{code}'" for name, code in FIELD_CODES.items())
     statuses = ", ".join(f"{status.value} = '{code}'" for status, code in STATUS_CODES.items())
-    return f"local F = {{{fields}}}\nlocal DONE = '{DONE_CODE}'\nlocal STATUS_CODE = {{{statuses}}}\n"
+    return (f"local F = {{{fields}}}\nlocal DONE = '{DONE_CODE}'\nlocal STATUS_CODE = {{{statuses}}}\n"
+            f"local LOOKUP_DIGITS = {LOOKUP_DIGITS}\n")

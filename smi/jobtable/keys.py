@@ -2,19 +2,26 @@
 job's keys and its shard's indexes share the tag, so each script touches one
 Redis Cluster slot (design.md, "Durability ... Scale"). <id> is the job id as
 stored: a UUID's 16 bytes in URL-safe base64, 22 characters (codec.compact_id),
-so the key and each index entry (nine for a completed job) cost 14 bytes less.
+so the key and each index entry (eight for a completed job) cost 14 bytes less.
 
     job:{s3}:<id>                hash: the job record under short field codes, with
                                  its history and the side effects done (codec.py)
-    req:{s3}                     hash: request_id -> <id>
+    req:{s3}                     hash: lookup_field(request_id) -> <id>
     st:{s3}:<status>:c | :u      sorted sets (lexicographic): "<ms>:<id>" by
                                  created/updated
-    by:{s3}:<cs|pi|up|cb|tok>    hash: lookup value -> <id>
+    by:{s3}:<cs|pi|up|cb|tok>    hash: lookup_field(value) -> <id>
     dl:{s3}:<deadline>           sorted set: <id> scored by due time (ms), one per
                                  schemas.status.Deadline (abandon, retry, poll, ...)
     rev:{s3}                     hash: the shard's running revenue figures, kept by
                                  the scripts that write the fields they count
                                  (lua/prelude.lua, "Running revenue figures")
+
+The lookups (req, by) are keyed by ``codec.lookup_field`` of the value, not the value:
+Stripe's session ids take 66 characters, a token hash 43, and an entry of a large
+Redis hash costs its key's allocation class (80 or 48 bytes for those) where 28
+characters fit the 32-byte class. That cut 96 bytes a completed job. A reader
+checks that the job found holds the value itself, so a collision (112 bits: none
+expected before about 2^56 entries) could not hand out the wrong job.
 """
 
 from __future__ import annotations
@@ -31,6 +38,15 @@ LOOKUP_KINDS = {
     "upsampler_job": "up",
     "callback_token": "cb",
     "download_token": "tok",
+}
+# The job's field that holds each looked-up value (a download token's hashes are
+# two fields: the newest, and the older ones still live).
+LOOKUP_FIELDS = {
+    "checkout_session": ("stripe_checkout_session_id",),
+    "payment_intent": ("stripe_payment_intent_id",),
+    "upsampler_job": ("upsampler_job_id",),
+    "callback_token": ("callback_token_hash",),
+    "download_token": ("download_token_hash", "download_token_hashes"),
 }
 
 

@@ -23,7 +23,7 @@ from schemas.status import Deadline, JobStatus, Stage, TransitionNotAllowed, dea
 from smi import metrics
 from smi.errors import PermanentError
 from smi.jobtable import codec
-from smi.jobtable.keys import LOOKUP_KINDS, KeySpace, shard_of
+from smi.jobtable.keys import LOOKUP_FIELDS, LOOKUP_KINDS, KeySpace, shard_of
 from smi.jobtable.scripts import register_all
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,13 @@ class JobTable:
                                                                  to_ms(if_due_at)])
         return bool(int(removed))
 
+    async def end_warning(self, job_id: str, *, if_due_at: datetime) -> bool:
+        """After the expiry warning: drop the job from WARN (only while its due time
+        is still ``if_due_at``, as clear_deadline) and arm EXPIRE at the expiry the
+        job holds, if its download is still live. A download waits in one deadline
+        set at a time (lua/end_warning.lua). True if the warning was ended here."""
+        return bool(int(await self._on_job("end_warning", job_id, to_ms(if_due_at))))
+
     @staticmethod
     def lease_end(now: datetime, lease: timedelta) -> datetime:
         """The due time ``claim_due(now=now, lease=lease)`` gives the items it claims
@@ -323,35 +330,33 @@ class JobTable:
         return entries
 
     async def find_by(self, kind: str, value: str) -> Job | None:
-        """Lookup by checkout_session, payment_intent, upsampler_job or callback_token
-        (hash). Values are not job ids, so their shard is unknown: ask every shard."""
+        """Lookup by checkout_session, payment_intent, upsampler_job, callback_token
+        (hash) or download_token (hash). Values are not job ids, so their shard is
+        unknown: ask every shard. The index is keyed by a digest of the value
+        (codec.lookup_field), so the job found must hold the value itself; the
+        comparison takes constant time (token hashes are among the values)."""
         if kind not in LOOKUP_KINDS:
             raise ValueError(f"unknown lookup {kind!r}; one of {', '.join(LOOKUP_KINDS)}")
+        field = codec.lookup_field(value)
         pipe = self.redis.pipeline(transaction=False)
         for shard in range(self.keys.shards):
-            pipe.hget(self.keys.lookup(shard, kind), value)
-        for job_id in await pipe.execute():
-            if job_id:
-                try:
-                    return await self.get(self.keys.job_id_of(job_id))
-                except JobNotFound:
-                    return None
+            pipe.hget(self.keys.lookup(shard, kind), field)
+        wanted = value.encode()
+        for stored in await pipe.execute():
+            if not stored:
+                continue
+            job_id = self.keys.job_id_of(stored)
+            raw = await self.redis.hgetall(self.keys.job(job_id))
+            held = (raw.get(codec.field_code(name).encode(), b"") for name in LOOKUP_FIELDS[kind])
+            if any(hmac.compare_digest(wanted, h) for text in held for h in text.split()):
+                return _job(raw, job_id)
         return None
 
     async def find_by_token(self, token: str) -> Job | None:
-        """The job a raw download token belongs to, or None (unknown or revoked).
-        Expiry is the caller's to judge (410 vs 404)."""
-        digest = hash_token(token)
-        job = await self.find_by("download_token", digest)
-        if job is None:
-            return None
-        newest, older = await self.redis.hmget(self.keys.job(job.job_id), codec.field_code("download_token_hash"),
-                                               codec.field_code("download_token_hashes"))
-        live = [newest or b"", *(older or b"").split()]
-        # Constant-time comparison against each live hash of the job.
-        if any(hmac.compare_digest(digest.encode(), h) for h in live if h):
-            return job
-        return None
+        """The job a raw download token belongs to, or None (unknown or revoked: the
+        lookup checks the job still holds the token's hash). Expiry is the caller's
+        to judge (410 vs 404)."""
+        return await self.find_by("download_token", hash_token(token))
 
     async def get_jobs(self, status: Iterable[JobStatus] | None = None, *, limit: int = 50,
                        order_by: OrderBy = "created_at", descending: bool = True,

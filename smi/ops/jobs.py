@@ -57,11 +57,7 @@ async def require_job(table: JobTable, job_id: str) -> Job:
 # What an operator may find a job by besides its id: the ids other systems show
 # (Stripe's dashboard and receipts, the Upsampler's), each the job table keeps an
 # index of. The token lookups stay inside the gateway: a token never reaches an operator.
-FIND_BY: dict[str, str] = {
-    "checkout_session": "stripe_checkout_session_id",
-    "payment_intent": "stripe_payment_intent_id",
-    "upsampler_job": "upsampler_job_id",
-}
+FIND_BY = ("checkout_session", "payment_intent", "upsampler_job")  # the lookups an operator may ask
 MAX_LOOKUP_LENGTH = 255
 
 
@@ -72,8 +68,8 @@ async def find_job(table: JobTable, kind: str, value: str) -> Job:
         raise ValueError(f"find by one of {', '.join(FIND_BY)}, not {kind!r}")
     if not value or len(value) > MAX_LOOKUP_LENGTH or not value.isprintable() or any(c.isspace() for c in value):
         raise JobNotFound(value)  # no id of those systems looks like this
-    job = await table.find_by(kind, value)
-    if job is None or getattr(job, FIND_BY[kind]) != value:
+    job = await table.find_by(kind, value)  # checks the job holds the value
+    if job is None:
         raise JobNotFound(value)
     return job
 

@@ -152,10 +152,13 @@ async def test_a_resend_between_the_janitors_read_and_its_write_wins(janitor, ta
     found = await table.find_by_token(token)
     assert found is not None and not is_expired(found)
     assert locate_stored_image(storage, found.upscaled_file_path) is not None
-    due = await table.due(Deadline.EXPIRE, limit=10, now=now + timedelta(days=2))
-    assert [(d.job_id, d.due_at) for d in due] == [(job.job_id, now + timedelta(hours=24))]
+    # The new link waits for its warning; its expiry is armed once that is given.
+    due = await table.due(Deadline.WARN, limit=10, now=now + timedelta(days=2))
+    assert [(d.job_id, d.due_at) for d in due] == [(job.job_id, now + timedelta(hours=20))]
+    assert await table.due(Deadline.EXPIRE, limit=10, now=now + timedelta(days=2)) == []
 
-    # At the new expiry the janitor expires it after all.
+    # At the new expiry the janitor expires it after all (the warning, late, arms
+    # the expiry, which the same pass then handles).
     janitor.table.get = read
     later = now + timedelta(hours=24, minutes=1)
     assert (await janitor.tick(later)).expired == 1

@@ -13,7 +13,8 @@ from schemas.events import rfc3339
 from schemas.status import TRANSITIONS, Deadline, JobStatus as S, Stage, TransitionNotAllowed, find_transition, owner_of
 from services.janitor.handlers import Janitor, JanitorConfig
 from smi.jobtable import DownloadExpired, JobNotFound, JobTable
-from smi.jobtable.codec import field_code
+from smi.jobtable.codec import field_code, lookup_field
+from smi.jobtable.keys import shard_of
 from smi.jobtable.table import hash_token
 from tests.support.jobs import job_fields, make_job
 
@@ -130,6 +131,38 @@ async def test_fields_move_with_the_transition_and_lookups_follow(table):
     await table.update(job.job_id, {}, clear=["upsampler_job_id"])
     assert await table.find_by("upsampler_job", "up_1") is None
     assert (await table.get(job.job_id)).upsampler_job_id is None
+
+
+async def test_lookups_are_filed_under_a_digest_and_a_colliding_entry_finds_nothing(table):
+    job, other = await make_job(table, S.NEW), await make_job(table, S.NEW)
+    session = "cs_test_" + "a1B2" * 14 + "c3"  # as long as Stripe's: 66 characters
+    await table.update(job.job_id, {"stripe_checkout_session_id": session})
+    shard = int(table.keys.tag_of(job.job_id).split("{s")[1].rstrip("}"))
+    [(field, stored)] = (await table.redis.hgetall(table.keys.lookup(shard, "checkout_session"))).items()
+    assert field.decode() == lookup_field(session) and len(field) == 28  # Lua and Python agree
+    assert table.keys.job_id_of(stored) == job.job_id
+    assert (await table.find_by("checkout_session", session)).job_id == job.job_id
+    # Two values with one digest (forced here; 112 bits make it unlikely): the entry
+    # points at a job that does not hold the value asked for, so nothing is found.
+    await table.redis.hset(table.keys.lookup(shard, "checkout_session"), lookup_field("cs_test_other"),
+                           table.keys.stored_id(other.job_id))
+    assert await table.find_by("checkout_session", "cs_test_other") is None
+
+
+async def test_a_request_id_sharing_a_digest_with_another_job_s_still_makes_its_own_job(table):
+    first, _ = await table.create(job_fields(), request_id="req-first")
+    # A second request id of the same shard, and a forced digest collision: its
+    # index entry names the job of req-first.
+    shards = table.keys.shards
+    second = next(f"req-second-{i}" for i in range(1000)
+                  if shard_of(f"req-second-{i}", shards) == shard_of("req-first", shards))
+    requests = f"req:{table.keys.tag_of(first.job_id)}"
+    await table.redis.hset(requests, lookup_field(second), table.keys.stored_id(first.job_id))
+    made, created = await table.create(job_fields(), request_id=second)
+    assert created and made.job_id != first.job_id and made.request_id == second
+    again, created = await table.create(job_fields(), request_id=second)
+    assert not created and again.job_id == made.job_id
+    assert (await table.create(job_fields(), request_id="req-first"))[0].job_id == first.job_id
 
 
 async def test_update_refuses_managed_and_unknown_fields_and_honours_expected_status(table):
@@ -332,6 +365,48 @@ async def test_claim_due_leases_to_lease_end_and_a_conditional_clear_takes_only_
     assert await table.clear_deadline(untouched.job_id, Deadline.WARN, if_due_at=leased_until) is False
     assert await table.clear_deadline(renewed.job_id, Deadline.WARN) is True
     assert await table.due(Deadline.WARN, limit=10, now=now + timedelta(days=2)) == []
+
+
+async def test_a_download_waits_for_its_warning_and_then_for_its_expiry(table):
+    job = await make_job(table, S.COMPLETED)
+    t0, week = job.updated_at, timedelta(days=7)
+
+    async def armed(kind: Deadline) -> list:
+        return [(d.job_id, d.due_at) for d in await table.due(kind, limit=10, now=t0 + week)]
+
+    _, expiry = await table.issue_download_token(job.job_id, ttl_hours=24, warn_hours=4, now=t0)
+    assert await armed(Deadline.WARN) == [(job.job_id, expiry - timedelta(hours=4))]
+    assert await armed(Deadline.EXPIRE) == []  # one set at a time
+    # A second link without a warning of its own, while the warning is pending: the
+    # warning will arm the expiry.
+    await table.issue_download_token(job.job_id, ttl_hours=24, expires_at=expiry, now=t0)
+    assert await armed(Deadline.EXPIRE) == []
+
+    now, lease = expiry - timedelta(hours=3), timedelta(minutes=2)
+    [claimed] = await table.claim_due(Deadline.WARN, limit=10, lease=lease, now=now)
+    assert await table.end_warning(job.job_id, if_due_at=now) is False  # not the claim's due time
+    assert await armed(Deadline.EXPIRE) == []
+    assert await table.end_warning(job.job_id, if_due_at=table.lease_end(now, lease)) is True
+    assert await armed(Deadline.WARN) == []
+    assert await armed(Deadline.EXPIRE) == [(job.job_id, expiry)]
+    assert await table.end_warning(job.job_id, if_due_at=table.lease_end(now, lease)) is False
+
+    # A resend with a warning takes the download back to waiting for it.
+    _, resent = await table.issue_download_token(job.job_id, ttl_hours=24, warn_hours=4, revoke_others=True,
+                                                 now=now)
+    assert await armed(Deadline.EXPIRE) == []
+    assert await armed(Deadline.WARN) == [(job.job_id, resent - timedelta(hours=4))]
+    # A download that expired meanwhile gets no expiry armed by its warning.
+    await table.update(job.job_id, {"download_expired_at": resent})
+    await table.claim_due(Deadline.WARN, limit=10, lease=lease, now=resent)
+    assert await table.end_warning(job.job_id, if_due_at=table.lease_end(resent, lease)) is True
+    assert await armed(Deadline.WARN) == [] and await armed(Deadline.EXPIRE) == []
+
+    # Without a warning at all, the expiry is armed at once.
+    plain = await make_job(table, S.COMPLETED)
+    _, plain_expiry = await table.issue_download_token(plain.job_id, ttl_hours=24, now=t0)
+    assert await armed(Deadline.EXPIRE) == [(plain.job_id, plain_expiry)]
+    assert await armed(Deadline.WARN) == []
 
 
 async def test_the_janitor_keeps_a_warning_a_resend_armed_while_it_published_the_last(table, tmp_path):

@@ -6,8 +6,14 @@ local id, request_id, now, actor = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = KEYS[1]
 local requests = 'req:' .. TAG
 if request_id ~= '' then
-  local existing = redis.call('HGET', requests, request_id)
-  if existing then return {0, existing, redis.call('HGETALL', 'job:' .. TAG .. ':' .. existing)} end
+  local existing = redis.call('HGET', requests, lookup_field(request_id))
+  if existing then
+    local job = 'job:' .. TAG .. ':' .. existing
+    local held = redis.call('HGET', job, F.request_id)
+    -- The index is keyed by a digest: a job holding another request id is not this
+    -- request's. A job deleted by hand returns nothing (the caller refuses).
+    if not held or held == request_id then return {0, existing, redis.call('HGETALL', job)} end
+  end
 end
 if redis.call('EXISTS', key) == 1 then return {0, id, redis.call('HGETALL', key)} end
 
@@ -27,7 +33,7 @@ redis.call('HSET', key, F.status, 'new', F.created_at, now, F.attempts, '0')
 count_revenue(key, id, before)
 if request_id ~= '' then
   redis.call('HSET', key, F.request_id, request_id)
-  redis.call('HSET', requests, request_id, id)
+  redis.call('HSET', requests, lookup_field(request_id), id)
 end
 redis.call('ZADD', status_index('new', 'c'), 0, member(now, id))
 touch(key, id, 'new', now)

@@ -27,9 +27,9 @@ local previous = redis.call('HGET', key, F.download_token_hash)
 local kept = redis.call('HGET', key, F.download_token_hashes) or ''
 if previous then kept = kept .. ' ' .. previous end
 for old in string.gmatch(kept, '%S+') do
-  if revoke == '1' then redis.call('HDEL', tokens, old) else older[#older + 1] = old end
+  if revoke == '1' then redis.call('HDEL', tokens, lookup_field(old)) else older[#older + 1] = old end
 end
-redis.call('HSET', tokens, hash, id)
+redis.call('HSET', tokens, lookup_field(hash), id)
 redis.call('HSET', key, F.download_token_hash, hash, F.download_expires_at, expires)
 if #older > 0 then
   redis.call('HSET', key, F.download_token_hashes, table.concat(older, ' '))
@@ -37,6 +37,13 @@ else
   redis.call('HDEL', key, F.download_token_hashes)
 end
 touch(key, id, status, now)
-redis.call('ZADD', deadline_set('expire'), expires, id)
-if warn ~= '' then redis.call('ZADD', deadline_set('warn'), warn, id) end
+-- One deadline at a time: the warning, then (end_warning.lua) the expiry. Without a
+-- warning to give, the expiry is armed now -- unless a warning is pending, which
+-- arms it, from the expiry the job then holds, once given.
+if warn ~= '' then
+  redis.call('ZREM', deadline_set('expire'), id)
+  redis.call('ZADD', deadline_set('warn'), warn, id)
+elseif not redis.call('ZSCORE', deadline_set('warn'), id) then
+  redis.call('ZADD', deadline_set('expire'), expires, id)
+end
 return {'applied', status, expires}

@@ -22,6 +22,12 @@ local function lookup_index(kind)
   return 'by:' .. TAG .. ':' .. kind
 end
 
+-- A lookup files a value under the first LOOKUP_DIGITS hex digits of its SHA-1
+-- (codec.lookup_field says why); readers check the job found holds the value.
+local function lookup_field(value)
+  return string.sub(redis.sha1hex(value), 1, LOOKUP_DIGITS)
+end
+
 local function deadline_set(kind)
   return 'dl:' .. TAG .. ':' .. kind
 end
@@ -40,8 +46,8 @@ local function apply_fields(key, id, set, clear)
     local kind = LOOKUPS[field]
     if kind then
       local old = redis.call('HGET', key, field)
-      if old and old ~= value then redis.call('HDEL', lookup_index(kind), old) end
-      redis.call('HSET', lookup_index(kind), value, id)
+      if old and old ~= value then redis.call('HDEL', lookup_index(kind), lookup_field(old)) end
+      redis.call('HSET', lookup_index(kind), lookup_field(value), id)
     end
     args[#args + 1] = field
     args[#args + 1] = value
@@ -51,7 +57,7 @@ local function apply_fields(key, id, set, clear)
     local kind = LOOKUPS[field]
     if kind then
       local old = redis.call('HGET', key, field)
-      if old then redis.call('HDEL', lookup_index(kind), old) end
+      if old then redis.call('HDEL', lookup_index(kind), lookup_field(old)) end
     end
     redis.call('HDEL', key, field)
   end

@@ -102,3 +102,18 @@ def deadlines_left_by(target: JobStatus) -> tuple[Deadline, ...]:
     """The deadline sets a job leaves when it moves to ``target``: those tied to
     any other status (moving to pending drops the abandon deadline)."""
     return tuple(d for d in Deadline if DEADLINE_STATUS[d] != target)
+
+
+# Fields that mean something in one status only: a job moving to any other status
+# loses them (the transition clears them, as it leaves the deadline sets above).
+# The checkout URL is dead once the session is paid or expired, and it was the
+# record's longest field (a real Stripe URL runs to 300-400 characters).
+FIELD_STATUS: dict[str, JobStatus] = {
+    "checkout_url": JobStatus.AWAITING_PAYMENT,
+}
+
+
+@cache  # asked on every transition
+def fields_left_by(target: JobStatus) -> tuple[str, ...]:
+    """The fields a job loses when it moves to ``target``."""
+    return tuple(name for name, status in FIELD_STATUS.items() if status != target)

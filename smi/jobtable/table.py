@@ -18,7 +18,8 @@ from typing import Any, Awaitable, Callable, Iterable, Literal, Mapping
 
 from schemas.events import utcnow
 from schemas.job import MANAGED_FIELDS, Job, encode_fields, encode_value, from_ms, to_ms
-from schemas.status import Deadline, JobStatus, Stage, TransitionNotAllowed, deadlines_left_by, sources_of
+from schemas.status import (Deadline, JobStatus, Stage, TransitionNotAllowed, deadlines_left_by, fields_left_by,
+                            sources_of)
 
 from smi import metrics
 from smi.errors import PermanentError
@@ -173,7 +174,9 @@ class JobTable:
             raise TransitionNotAllowed(f"{actor} does not own transitions to {target}")
         fields = dict(fields or {})
         self._check_fields(fields, clear)
-        # Leaving a status leaves the deadline sets tied to it (abandon -> awaiting_payment).
+        # Leaving a status leaves the deadline sets and the fields tied to it (abandon
+        # and checkout_url -> awaiting_payment).
+        clear = [*clear, *(name for name in fields_left_by(target) if name not in fields)]
         clear_deadlines = [d.value for d in deadlines_left_by(target)]
         outcome, previous = await self._on_job(
             "transition", job_id, target.value, _json(sorted(s.value for s in sources)),

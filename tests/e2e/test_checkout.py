@@ -77,6 +77,7 @@ async def test_a_payment_delivered_five_times_among_expiries_moves_the_job_once(
     after = await table.get(job.job_id)
     assert (after.payment_status, after.stripe_payment_intent_id) == ("paid", "pi_e2e_once")
     assert after.paid_at is not None
+    assert job.checkout_url and after.checkout_url is None  # dead once paid: the table drops it
     assert [h.target for h in await table.history(job.job_id)].count(S.PENDING) == 1
     pending = await watcher.wait_for("jobs.pending", for_job(job.job_id))
     assert {json.loads(m.value)["event_id"] for m in pending} == {make_event_id(job.job_id, "pending")}

@@ -165,6 +165,19 @@ async def test_a_request_id_sharing_a_digest_with_another_job_s_still_makes_its_
     assert (await table.create(job_fields(), request_id="req-first"))[0].job_id == first.job_id
 
 
+@pytest.mark.parametrize("target", [S.PENDING, S.ABANDONED])
+async def test_leaving_awaiting_payment_drops_the_checkout_url(table, target):
+    job = await make_job(table, S.NEW)
+    await table.transition(job.job_id, S.AWAITING_PAYMENT, actor=Stage.CHECKOUT, event_id="e1",
+                           fields={"stripe_checkout_session_id": "cs_test_url", "checkout_url": "https://pay/url"})
+    assert (await table.get(job.job_id)).checkout_url == "https://pay/url"
+    actor = owner_of(target)
+    assert (await table.transition(job.job_id, target, actor=actor, event_id="e2")).applied
+    assert field_code("checkout_url").encode() not in await table.redis.hgetall(table.keys.job(job.job_id))
+    after = await table.get(job.job_id)
+    assert after.checkout_url is None and after.stripe_checkout_session_id == "cs_test_url"
+
+
 async def test_update_refuses_managed_and_unknown_fields_and_honours_expected_status(table):
     job = await make_job(table, S.PENDING)
     for bad in ({"status": "completed"}, {"created_at": job.created_at}, {"download_token_hash": "x"}, {"nonsense": 1}):

@@ -15,6 +15,7 @@ from schemas.status import (
     JobStatus,
     Stage,
     TransitionNotAllowed,
+    fields_left_by,
     find_transition,
     owner_of,
     sources_of,
@@ -150,6 +151,12 @@ def test_deadlines_belong_to_statuses():
         Deadline.PURGE: JobStatus.FAILED,
     }
     assert set(DEADLINE_STATUS) == set(Deadline)
+
+
+def test_the_checkout_url_is_kept_only_while_the_job_awaits_payment():
+    assert fields_left_by(JobStatus.AWAITING_PAYMENT) == ()
+    for status in set(JobStatus) - {JobStatus.AWAITING_PAYMENT}:
+        assert fields_left_by(status) == ("checkout_url",)
 
 
 def test_abandon_deadline_status_can_be_left_by_the_janitor():

@@ -1,7 +1,8 @@
 """Notifier's handlers: the customer emails, and the download tokens they carry.
 
-- ``jobs.completed``: a download token (only its hash is stored; the table sets the
-  warn and expire deadlines) and the "ready" email with its link.
+- ``jobs.completed``: a download token (only its hash is stored; the table arms the
+  expiry warning, and the janitor the expiry once it has warned) and the "ready"
+  email with its link.
 - ``payments.refunds``: the refund email.
 - ``jobs.expiring``: a second token with the same expiry (the raw first one is
   stored nowhere, and it keeps working) and the "expires soon" email.

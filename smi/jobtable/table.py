@@ -350,8 +350,11 @@ class JobTable:
                 continue
             job_id = self.keys.job_id_of(stored)
             raw = await self.redis.hgetall(self.keys.job(job_id))
-            held = (raw.get(codec.field_code(name).encode(), b"") for name in LOOKUP_FIELDS[kind])
-            if any(hmac.compare_digest(wanted, h) for text in held for h in text.split()):
+            held: list[bytes] = []
+            for name in LOOKUP_FIELDS[kind]:
+                text = raw.get(codec.field_code(name).encode(), b"")
+                held += text.split() if name == "download_token_hashes" else [text]  # a space-separated list
+            if any(hmac.compare_digest(wanted, h) for h in held):
                 return _job(raw, job_id)
         return None
 

@@ -149,6 +149,16 @@ async def test_lookups_are_filed_under_a_digest_and_a_colliding_entry_finds_noth
     assert await table.find_by("checkout_session", "cs_test_other") is None
 
 
+@pytest.mark.parametrize("value", ["9f1c2d3e-0000-4000-8000-00000000000a", "ünïcødé-上传-id", "u" * 255, "a b"])
+async def test_any_upscaler_id_is_found_through_its_digest(table, value):
+    """Lua hashes the bytes redis-py sends (UTF-8), Python the str it encodes: the
+    same digest for any text, so whatever id the upscaler hands out is found."""
+    job = await make_job(table, S.NEW)
+    await table.update(job.job_id, {"upsampler_job_id": value})
+    assert (await table.find_by("upsampler_job", value)).job_id == job.job_id
+    assert await table.find_by("upsampler_job", value + "-") is None
+
+
 async def test_a_request_id_sharing_a_digest_with_another_job_s_still_makes_its_own_job(table):
     first, _ = await table.create(job_fields(), request_id="req-first")
     # A second request id of the same shard, and a forced digest collision: its

@@ -28,25 +28,28 @@ from __future__ import annotations
 
 import uuid
 import zlib
+from dataclasses import dataclass
 
 from schemas.status import Deadline, JobStatus
 from smi.jobtable.codec import compact_id, expand_id
 
-LOOKUP_KINDS = {
-    "checkout_session": "cs",
-    "payment_intent": "pi",
-    "upsampler_job": "up",
-    "callback_token": "cb",
-    "download_token": "tok",
-}
-# The job's field that holds each looked-up value (a download token's hashes are
-# two fields: the newest, and the older ones still live).
-LOOKUP_FIELDS = {
-    "checkout_session": ("stripe_checkout_session_id",),
-    "payment_intent": ("stripe_payment_intent_id",),
-    "upsampler_job": ("upsampler_job_id",),
-    "callback_token": ("callback_token_hash",),
-    "download_token": ("download_token_hash", "download_token_hashes"),
+@dataclass(frozen=True)
+class Lookup:
+    """One lookup index: its key's suffix (by:{s3}:<code>), the job's field that
+    holds the value, and a field holding more of them, space-separated (a download
+    token's older hashes still live)."""
+
+    code: str
+    field: str
+    also_in_list: str | None = None
+
+
+LOOKUPS = {
+    "checkout_session": Lookup("cs", "stripe_checkout_session_id"),
+    "payment_intent": Lookup("pi", "stripe_payment_intent_id"),
+    "upsampler_job": Lookup("up", "upsampler_job_id"),
+    "callback_token": Lookup("cb", "callback_token_hash"),
+    "download_token": Lookup("tok", "download_token_hash", also_in_list="download_token_hashes"),
 }
 
 
@@ -93,7 +96,7 @@ class KeySpace:
         return f"st:{self.tag(shard)}:{status.value}:{order}"
 
     def lookup(self, shard: int, kind: str) -> str:
-        return f"by:{self.tag(shard)}:{LOOKUP_KINDS[kind]}"
+        return f"by:{self.tag(shard)}:{LOOKUPS[kind].code}"
 
     def deadline(self, shard: int, kind: Deadline) -> str:
         return f"dl:{self.tag(shard)}:{kind.value}"

@@ -14,8 +14,7 @@ from smi.jobtable.codec import lua_constants
 
 LUA_DIR = Path(__file__).parent / "lua"
 NAMES = ("create", "transition", "update", "issue_token", "claim_due", "clear_deadline_if", "end_warning",
-         "mark_done",
-         "rebuild_revenue")
+         "mark_done", "rebuild_revenue")
 
 
 @cache

@@ -24,7 +24,7 @@ from schemas.status import (Deadline, JobStatus, Stage, TransitionNotAllowed, de
 from smi import metrics
 from smi.errors import PermanentError
 from smi.jobtable import codec
-from smi.jobtable.keys import LOOKUP_FIELDS, LOOKUP_KINDS, KeySpace, shard_of
+from smi.jobtable.keys import LOOKUPS, KeySpace, shard_of
 from smi.jobtable.scripts import register_all
 
 log = logging.getLogger(__name__)
@@ -338,8 +338,9 @@ class JobTable:
         unknown: ask every shard. The index is keyed by a digest of the value
         (codec.lookup_field), so the job found must hold the value itself; the
         comparison takes constant time (token hashes are among the values)."""
-        if kind not in LOOKUP_KINDS:
-            raise ValueError(f"unknown lookup {kind!r}; one of {', '.join(LOOKUP_KINDS)}")
+        if kind not in LOOKUPS:
+            raise ValueError(f"unknown lookup {kind!r}; one of {', '.join(LOOKUPS)}")
+        lookup = LOOKUPS[kind]
         field = codec.lookup_field(value)
         pipe = self.redis.pipeline(transaction=False)
         for shard in range(self.keys.shards):
@@ -350,10 +351,9 @@ class JobTable:
                 continue
             job_id = self.keys.job_id_of(stored)
             raw = await self.redis.hgetall(self.keys.job(job_id))
-            held: list[bytes] = []
-            for name in LOOKUP_FIELDS[kind]:
-                text = raw.get(codec.field_code(name).encode(), b"")
-                held += text.split() if name == "download_token_hashes" else [text]  # a space-separated list
+            held = [raw.get(codec.field_code(lookup.field).encode(), b"")]
+            if lookup.also_in_list:
+                held += raw.get(codec.field_code(lookup.also_in_list).encode(), b"").split()
             if any(hmac.compare_digest(wanted, h) for h in held):
                 return _job(raw, job_id)
         return None

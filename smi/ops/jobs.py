@@ -57,7 +57,7 @@ async def require_job(table: JobTable, job_id: str) -> Job:
 # What an operator may find a job by besides its id: the ids other systems show
 # (Stripe's dashboard and receipts, the Upsampler's), each the job table keeps an
 # index of. The token lookups stay inside the gateway: a token never reaches an operator.
-FIND_BY = ("checkout_session", "payment_intent", "upsampler_job")  # the lookups an operator may ask
+FIND_BY = ("checkout_session", "payment_intent", "upsampler_job")
 MAX_LOOKUP_LENGTH = 255
 
 

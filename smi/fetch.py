@@ -19,7 +19,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, BinaryIO, Callable, Iterable
 
 import aiohttp
 from yarl import URL
@@ -50,10 +50,13 @@ class BlockedURL(UnsafeURL, PermanentError):
 
 @dataclass(frozen=True)
 class FetchedFile:
-    path: Path
+    """A fetched image: in the file ``path``, or (a body small enough, when the
+    caller allowed it) in ``data``, with ``path`` None and nothing written."""
+    path: Path | None
     kind: str
     size: int
     content_type: str | None
+    data: bytes | None = None
 
 
 def sniff_image_kind(head: bytes) -> str | None:
@@ -104,10 +107,12 @@ def image_session() -> aiohttp.ClientSession:
 
 async def fetch_to_file(url: str, dest: Path, *, max_bytes: int, allow: HostAllowList,
                         allowed_kinds: Iterable[str] = IMAGE_KINDS, timeout: float = 30, max_redirects: int = 5,
-                        resolver: Resolver | None = None,
-                        session: aiohttp.ClientSession | None = None) -> FetchedFile:
+                        resolver: Resolver | None = None, session: aiohttp.ClientSession | None = None,
+                        in_memory_up_to: int = 0) -> FetchedFile:
     """Download ``url`` to ``dest`` (written whole via a temp file and a rename, or
     not at all). ``timeout`` bounds the whole fetch: resolution, redirects, body.
+    A body of at most ``in_memory_up_to`` bytes is returned in memory instead, and
+    nothing is written: no directory, no file, no rename.
 
     Raises BlockedURL (an UnsafeURL) for a URL or address the rule forbids,
     FetchRejected for what no retry will fix, TransientError for what one may."""
@@ -118,7 +123,8 @@ async def fetch_to_file(url: str, dest: Path, *, max_bytes: int, allow: HostAllo
         async with asyncio.timeout(timeout):
             return await _follow(url, dest, session, max_bytes=max_bytes, allow=allow,
                                  allowed_kinds=tuple(allowed_kinds), max_redirects=max_redirects,
-                                 resolve=resolver or system_resolver, connect_timeout=timeout)
+                                 resolve=resolver or system_resolver, connect_timeout=timeout,
+                                 in_memory_up_to=in_memory_up_to)
     except TimeoutError:
         raise TransientError(f"timed out after {timeout:g}s fetching {redact(url)}") from None
     except aiohttp.ClientError as exc:
@@ -131,7 +137,7 @@ async def fetch_to_file(url: str, dest: Path, *, max_bytes: int, allow: HostAllo
 
 async def _follow(url: str, dest: Path, session: aiohttp.ClientSession, *, max_bytes: int, allow: HostAllowList,
                   allowed_kinds: tuple[str, ...], max_redirects: int, resolve: Resolver,
-                  connect_timeout: float) -> FetchedFile:
+                  connect_timeout: float, in_memory_up_to: int) -> FetchedFile:
     current = url
     for _ in range(max_redirects + 1):
         target, addresses = await vet_url(current, allow, resolve)
@@ -142,7 +148,8 @@ async def _follow(url: str, dest: Path, session: aiohttp.ClientSession, *, max_b
                 log.info("redirect %s -> %s", redact(target), redact(current))
                 continue
             _check_status(response.status, target)
-            fetched = await _save_body(response, dest, max_bytes=max_bytes, allowed_kinds=allowed_kinds)
+            fetched = await _save_body(response, dest, max_bytes=max_bytes, allowed_kinds=allowed_kinds,
+                                       in_memory_up_to=in_memory_up_to)
         finally:
             response.release()
         log.debug("fetched %s: %s, %d bytes", redact(target), fetched.kind, fetched.size)  # per image
@@ -240,31 +247,51 @@ def _require_image(head: bytes, content_type: str | None, allowed_kinds: tuple[s
 
 
 async def _save_body(response: aiohttp.ClientResponse, dest: Path, *, max_bytes: int,
-                     allowed_kinds: tuple[str, ...]) -> FetchedFile:
+                     allowed_kinds: tuple[str, ...], in_memory_up_to: int) -> FetchedFile:
     content_type = response.headers.get("Content-Type")
     declared = response.content_length
     if declared is not None and declared > max_bytes:
         raise FetchRejected(f"too large: {declared} bytes declared, the limit is {max_bytes}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    temp = Path(temp_name)
+    # Held in memory while it fits (an undeclared length is found out by reading).
+    fits = in_memory_up_to > 0 and (declared is None or declared <= in_memory_up_to)
+    held: list[bytes] | None = [] if fits else None
+    out, temp = None, None
     try:
         size, head, kind = 0, b"", None
-        # Plain writes: 64 KiB chunks to local disk cost less than a thread hop each.
-        with os.fdopen(fd, "wb") as out:
-            async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise FetchRejected(f"too large: more than {max_bytes} bytes")
-                if kind is None:
-                    head += chunk[:SNIFF_BYTES - len(head)]
-                    if len(head) == SNIFF_BYTES:  # reject a non-image before downloading all of it
-                        kind = _require_image(head, content_type, allowed_kinds)
-                out.write(chunk)
+        async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+            size += len(chunk)
+            if size > max_bytes:
+                raise FetchRejected(f"too large: more than {max_bytes} bytes")
+            if kind is None:
+                head += chunk[:SNIFF_BYTES - len(head)]
+                if len(head) == SNIFF_BYTES:  # reject a non-image before downloading all of it
+                    kind = _require_image(head, content_type, allowed_kinds)
+            if held is not None and size <= in_memory_up_to:
+                held.append(chunk)
+                continue
+            if out is None:  # larger than memory may hold: to the file from here on
+                out, temp = _open_temp(dest)
+                out.writelines(held or ())
+                held = None
+            # Plain writes: 64 KiB chunks to local disk cost less than a thread hop each.
+            out.write(chunk)
         if kind is None:
             kind = _require_image(head, content_type, allowed_kinds)
+        if held is not None:
+            return FetchedFile(path=None, kind=kind, size=size, content_type=content_type, data=b"".join(held))
+        if out is None:  # no body at all (refused above as no image; kept for safety)
+            out, temp = _open_temp(dest)
+        out.close()
         os.replace(temp, dest)
     except BaseException:
-        temp.unlink(missing_ok=True)
+        if out is not None:
+            out.close()
+            temp.unlink(missing_ok=True)
         raise
     return FetchedFile(path=dest, kind=kind, size=size, content_type=content_type)
+
+
+def _open_temp(dest: Path) -> tuple[BinaryIO, Path]:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    return os.fdopen(fd, "wb"), Path(temp_name)

@@ -176,12 +176,40 @@ async def test_redirects_are_counted(images, tmp_path):
     assert leftovers(tmp_path) == ["x"]
 
 
+@pytest.mark.parametrize("in_memory_up_to", [0, MiB // 4])  # the second spills to a file, then fails
 @pytest.mark.parametrize("declare, reason", [(False, "more than 1048576 bytes"), (True, "2097152 bytes declared")])
-async def test_an_oversized_body_is_refused_and_leaves_no_file(images, tmp_path, declare, reason):
+async def test_an_oversized_body_is_refused_and_leaves_no_file(images, tmp_path, declare, reason, in_memory_up_to):
     url = f"{images.url}/big?size={2 * MiB}&declare={int(declare)}"
     with pytest.raises(FetchRejected, match=f"too large: {reason}"):
-        await fetch_to_file(url, tmp_path / "x", max_bytes=MiB, allow=LOOPBACK)
+        await fetch_to_file(url, tmp_path / "x", max_bytes=MiB, allow=LOOPBACK, in_memory_up_to=in_memory_up_to)
     assert leftovers(tmp_path) == []
+
+
+async def test_a_small_image_comes_back_in_memory_and_nothing_is_written(images, tmp_path):
+    dest = tmp_path / "in" / "source"
+    fetched = await fetch_to_file(f"{images.url}/img/64x48.png", dest, max_bytes=MiB, allow=LOOPBACK,
+                                  in_memory_up_to=MiB)
+    assert (fetched.path, fetched.kind, fetched.data) == (None, "png", make_image(64, 48, "png"))
+    assert fetched.size == len(fetched.data)
+    assert not (tmp_path / "in").exists()  # not even the directory
+
+
+@pytest.mark.parametrize("declare", [False, True])  # undeclared: found too big halfway, what was held goes first
+@pytest.mark.parametrize("size, limit, in_memory", [(200_000, 200_000, True), (200_001, 200_000, False),
+                                                    (300_000, 100, False)])
+async def test_a_body_over_the_memory_limit_goes_to_the_file_whole(images, tmp_path, declare, size, limit, in_memory):
+    dest = tmp_path / "in" / "source"
+    fetched = await fetch_to_file(f"{images.url}/big?size={size}&declare={int(declare)}", dest, max_bytes=MiB,
+                                  allow=LOOPBACK, in_memory_up_to=limit)
+    expected = b"\x89PNG\r\n\x1a\n" + bytes(size - 8)  # what /big sends
+    assert fetched.size == size and fetched.kind == "png"
+    if in_memory:
+        assert (fetched.path, fetched.data) == (None, expected)
+        assert not dest.parent.exists()
+    else:
+        assert (fetched.path, fetched.data) == (dest, None)
+        assert dest.read_bytes() == expected
+        assert leftovers(dest.parent) == ["source"]
 
 
 async def test_a_body_that_is_not_an_image_is_refused_and_leaves_no_file(images, tmp_path):

@@ -5,6 +5,7 @@ fetches, upscales, serves results and sends callbacks like the real API."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 import uuid
@@ -21,6 +22,7 @@ from schemas.urls import HostAllowList, UnsafeURL
 from smi.errors import PermanentError, TransientError
 from smi.fetch import FetchRejected, fetch_to_file
 from smi.upscalers import LocalUpscaler, Submission, UpsamplerClient, UpscalerUnavailable
+from smi.upscalers import local as local_upscaler
 from smi.upscalers.upsampler import parse_retry_after
 from tests.support.fake_upsampler import DEFAULT_API_KEY, RETRY_AFTER_SECONDS, FakeUpsampler
 from tests.support.image_server import ImageServer
@@ -110,13 +112,60 @@ def new_job_id() -> str:
 
 # --- LocalUpscaler ---------------------------------------------------------------
 
-async def test_local_upscale_makes_a_png_four_times_the_size(local, images):
+# The source in memory (the default for small images) and in a file (any image over the limit).
+@pytest.mark.parametrize("in_memory_up_to", [local_upscaler.IN_MEMORY_SOURCE_BYTES, 0])
+async def test_local_upscale_makes_a_png_four_times_the_size(local, images, monkeypatch, in_memory_up_to):
+    monkeypatch.setattr(local_upscaler, "IN_MEMORY_SOURCE_BYTES", in_memory_up_to)
     job_id = new_job_id()
-    path = await local.upscale(job_id, f"{images.url}/img/64x48.png", 4)
-    assert path == local.storage_dir / job_id / "upscaled-4x.png"
+    path = await local.upscale(job_id, f"{images.url}/img/64x48.png", 4, attempt=2)
+    assert path == local.storage_dir / job_id / "attempt-2" / "upscaled-4x.png"
     with Image.open(path) as image:
         assert (image.format, image.size, image.mode) == ("PNG", (256, 192), "RGB")
     assert sorted(p.name for p in path.parent.iterdir()) == ["upscaled-4x.png"]  # work files gone
+
+
+async def test_upscales_at_once_each_get_their_own_outcome(local, images):
+    # As a stage's batch runs them: every result is its own call's (sources held in
+    # memory are never mixed up), and a refused image fails alone.
+    sizes = [(8 + i, 5 + i % 7) for i in range(40)]
+    bombs = {3, 17, 31}
+    jobs = [(new_job_id(), f"{images.url}/lying/20000x20000.png" if i in bombs else
+             f"{images.url}/img/{w}x{h}.png") for i, (w, h) in enumerate(sizes)]
+    outcomes = await asyncio.gather(*(local.upscale(job_id, url, 2) for job_id, url in jobs), return_exceptions=True)
+    for i, ((job_id, _), outcome) in enumerate(zip(jobs, outcomes)):
+        if i in bombs:
+            assert isinstance(outcome, PermanentError) and "decompression bomb" in str(outcome)
+            continue
+        assert outcome == local.storage_dir / job_id / "upscaled-2x.png"
+        with Image.open(outcome) as image:
+            assert image.size == (sizes[i][0] * 2, sizes[i][1] * 2)
+
+
+async def test_a_cancelled_call_leaves_the_others_of_its_submission_alone(tmp_path):
+    upscaler = LocalUpscaler(tmp_path, allow=LOOPBACK, workers=1)
+    try:
+        calls = [asyncio.ensure_future(upscaler._in_worker(time.sleep, 0.2)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        calls[1].cancel()
+        done = await asyncio.gather(*calls, return_exceptions=True)
+        assert done[0] is None and done[2] is None and isinstance(done[1], asyncio.CancelledError)
+        assert await upscaler._in_worker(divmod, 7, 2) == (3, 1)
+    finally:
+        await upscaler.close()
+
+
+async def test_a_worker_that_dies_fails_its_calls_as_transient_and_the_next_call_works(images, tmp_path):
+    upscaler = LocalUpscaler(tmp_path, allow=LOOPBACK, workers=1)
+    try:
+        outcomes = await asyncio.gather(upscaler._in_worker(os._exit, 1), upscaler._in_worker(os._exit, 1),
+                                        return_exceptions=True)
+        assert [type(o) for o in outcomes] == [TransientError, TransientError]
+        assert "worker process died" in str(outcomes[0])
+        path = await upscaler.upscale(new_job_id(), f"{images.url}/img/8x8.png", 2)
+        with Image.open(path) as image:
+            assert image.size == (16, 16)
+    finally:
+        await upscaler.close()
 
 
 @pytest.mark.parametrize("extension", ["jpg", "webp"])

@@ -175,7 +175,10 @@ class Processor:
         # round trip over upscaler.events: that hop was a third of the stage's work
         # per job. A crash before the write redoes the upscale (the result is found);
         # one after it announces again (start()). No credits: nothing was bought.
-        completed = await self._record_completed(job, path.resolve(), credits=0, upscaled_url=None)
+        # absolute(), not resolve(): the stage resolves STORAGE_DIR once at start, and
+        # resolve() here made five lstat calls a job (5% of the stage's loop); the
+        # gateway and the janitor resolve and check the path when they use it.
+        completed = await self._record_completed(job, path.absolute(), credits=0, upscaled_url=None)
         return f"upscaled locally, {completed}"
 
     # -- upscaler.events --------------------------------------------------------------

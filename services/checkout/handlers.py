@@ -185,14 +185,19 @@ class Checkout:
             job = await self.table.get(failed.job_id)
         except JobNotFound:
             raise InvalidMessage(f"jobs.failed names unknown job {failed.job_id}") from None
-        if job.payment_status != "paid" or job.paid_at is None:
-            return "not paid: nothing to refund"
         if not job.refund_id:
+            # A job refunded already (refund_id set, payment_status "refunded") goes on
+            # to the publish below: a crash between the record and the publish left
+            # its payments.refunds event, and so the customer's refund email, unsent
+            # (found by the chaos run).
+            if job.payment_status != "paid" or job.paid_at is None:
+                return "not paid: nothing to refund"
             refund = await self.payments.refund(job)  # idempotency key refund-<job_id>
             crash_point("checkout.after_refund")
             metrics.refund()
             await self.table.update(job.job_id, {"refund_id": refund.id, "refund_amount_cents": refund.amount_cents,
                                                  "refunded_at": self.clock(), "payment_status": "refunded"})
+            crash_point("checkout.after_refund_recorded")
             job = await self.table.get(job.job_id)
         # Published after the refund is on the job: a redelivery publishes the same
         # event again (same id) and never refunds twice.

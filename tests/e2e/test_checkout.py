@@ -155,6 +155,34 @@ async def test_a_failed_paid_job_is_refunded_exactly_once_across_a_crash_and_red
     assert data == {"refund_id": after.refund_id, "amount_cents": after.refund_amount_cents}
 
 
+async def test_a_refund_recorded_but_not_announced_before_a_crash_is_announced_after_it(
+        checkout, gateway, http, producer, table, stripe_proxy, watcher):
+    # Found by the chaos run: the redelivered jobs.failed found the job "refunded",
+    # not "paid", and returned without publishing: the customer got no refund email.
+    job = await open_job(producer, table)
+    assert (await post_webhook(http, gateway, completed_event(job, payment_intent="pi_refund_later")))[0] == 200
+    await wait_status(table, job.job_id, S.PENDING)
+    failed = JobEvent.new("failed", job.job_id, data={"reason": "upscaler refused the image"})
+    await table.transition(job.job_id, S.FAILED, actor=Stage.PROCESSOR, event_id=failed.event_id,
+                           fields={"failure_reason": "upscaler refused the image"})
+
+    checkout.kill()
+    checkout.start(SMI_CRASH_AT="checkout.after_refund_recorded")  # killed after the record, before the publish
+    await producer.send(JOBS_FAILED, job.job_id, failed)
+    assert await asyncio.to_thread(checkout.wait_exit, 120) == 137
+    recorded = await table.get(job.job_id)
+    assert recorded.payment_status == "refunded" and recorded.refund_id is not None
+    assert watcher.matching("payments.refunds", for_job(job.job_id)) == []
+
+    checkout.start()
+    messages = await watcher.wait_for("payments.refunds", for_job(job.job_id), timeout=90)
+    assert {json.loads(m.value)["event_id"] for m in messages} == {make_event_id(job.job_id, "refunds")}
+    assert json.loads(messages[0].value)["data"] == {"refund_id": recorded.refund_id,
+                                                     "amount_cents": recorded.refund_amount_cents}
+    refunds = stripe_proxy.matching("POST", "/v1/refunds", **{"metadata[job_id]": job.job_id})
+    assert len(refunds) == 1  # the redelivery refunded nothing more
+
+
 async def _refunded(table, job_id):
     job = await table.get(job_id)
     return job if job.refund_id else None

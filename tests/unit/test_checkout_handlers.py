@@ -1,5 +1,6 @@
-"""Checkout's handling of a Stripe event whose ``created`` is no moment
-(services/checkout/handlers.py), against an in-memory stand-in for the job table."""
+"""Checkout's handling of a Stripe event whose ``created`` is no moment, and of a
+failed job's refund (services/checkout/handlers.py), against an in-memory
+stand-in for the job table."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from schemas.events import JobEvent, make_event_id
 from schemas.job import Job
 from schemas.requests import InvalidMessage
 from schemas.status import JobStatus
@@ -65,3 +67,27 @@ async def test_a_payment_at_a_plausible_moment_is_recorded_at_that_moment(create
     assert fields["paid_at"] == datetime.fromtimestamp(created, UTC)
     [(topic, key, event)] = published
     assert (topic, key, event.occurred_at) == ("jobs.pending", JOB_ID, datetime.fromtimestamp(created, UTC))
+
+
+def failed_event() -> bytes:
+    return JobEvent.new("failed", JOB_ID, data={"reason": "upscaler refused the image"}).model_dump_json().encode()
+
+
+@pytest.mark.parametrize("payment_status", ["refunded", "paid"])  # refunded by us; in the dashboard
+async def test_a_refunded_job_failing_again_publishes_its_refund_and_refunds_nothing(payment_status):
+    # payments is None in these handlers: a refund call would raise.
+    handler, table, published = checkout(JobStatus.FAILED, payment_status=payment_status, paid_at=T0,
+                                         refund_id="re_1", refund_amount_cents=384, refunded_at=T0)
+    assert await handler.on_job_failed(failed_event()) == "refunded"
+    assert table.writes == []
+    [(topic, key, event)] = published
+    assert (topic, key, event.event_id) == ("payments.refunds", JOB_ID, make_event_id(JOB_ID, "refunds"))
+    assert event.data == {"refund_id": "re_1", "amount_cents": 384}
+
+
+@pytest.mark.parametrize("fields", [{}, {"payment_status": "unpaid"}, {"payment_status": "paid"}],
+                         ids=["no payment", "unpaid", "paid without a time"])
+async def test_a_failed_job_that_was_not_paid_is_neither_refunded_nor_announced(fields):
+    handler, table, published = checkout(JobStatus.FAILED, **fields)
+    assert await handler.on_job_failed(failed_event()) == "not paid: nothing to refund"
+    assert table.writes == [] and published == []

@@ -279,9 +279,7 @@ async def _save_body(response: aiohttp.ClientResponse, dest: Path, *, max_bytes:
             kind = _require_image(head, content_type, allowed_kinds)
         if held is not None:
             return FetchedFile(path=None, kind=kind, size=size, content_type=content_type, data=b"".join(held))
-        if out is None:  # no body at all (refused above as no image; kept for safety)
-            out, temp = _open_temp(dest)
-        out.close()
+        out.close()  # opened: a body with no chunk was refused above as no image
         os.replace(temp, dest)
     except BaseException:
         if out is not None:

@@ -36,7 +36,7 @@ from rich.console import Console
 
 from bench import baselines, table
 from bench.cpu import PHASE_OWNERS, CpuWindow, Profiler, bottleneck, cpu_per_item, py_spy, system_processes
-from bench.pipeline import Flow
+from bench.pipeline import PAY_CONCURRENCY, Flow
 from bench.report import check_targets, ratio, render, stage_figures
 from bench.system import (EventWatch, ImageServer, MailSink, StageGroupsBusy, SystemProcess, free_port,
                           require_idle_stage_groups, stage_group_members)
@@ -68,6 +68,8 @@ def build_parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
                         help="the processor's backend: local (Pillow in worker processes) or upsampler (the "
                              "production path, against the fake Upsampler server of tests/support, answering at once)")
     parser.add_argument("--paced-jobs", type=int, help="requests of the 1,000/s latency run (min(jobs, 5,000))")
+    parser.add_argument("--pay-concurrency", type=int, default=PAY_CONCURRENCY,
+                        help=f"payment webhooks in flight at once ({PAY_CONCURRENCY})")
     parser.add_argument("--stripe-jobs", type=int, default=1000,
                         help="requests of the stripe-mock checkout run (1,000)")
     parser.add_argument("--stripe-mock", default="http://127.0.0.1:12111", help="stripe-mock's address")
@@ -84,8 +86,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
     logging.getLogger("aiokafka").setLevel(logging.ERROR)  # retries on fresh scratch topics are expected
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(args.parts) - set(PARTS)
-    if unknown or args.jobs < 1:
-        say(f"[red]bad arguments: {', '.join(unknown) or '--jobs must be ≥ 1'}[/]")
+    if unknown or args.jobs < 1 or args.pay_concurrency < 1:
+        say(f"[red]bad arguments: {', '.join(unknown) or '--jobs and --pay-concurrency must be ≥ 1'}[/]")
         return 2
     if args.profile and py_spy() is None:
         say("[yellow]py-spy not found (pip install py-spy): no profiles, CPU per process only[/]")
@@ -118,7 +120,7 @@ async def run(args: argparse.Namespace) -> int:
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "run_id": run_id,
         "machine": await machine_facts(redis),
         "config": {"jobs": args.jobs, "paced_jobs": args.paced_jobs, "paced_rate": 1000, "upscaler": args.upscaler,
-                   "baseline_messages": args.baseline_messages,
+                   "baseline_messages": args.baseline_messages, "pay_concurrency": args.pay_concurrency,
                    "stripe_jobs": args.stripe_jobs, "parts": args.parts, "kafka": settings.kafka_bootstrap_servers,
                    "kafka_namespace": settings.kafka_namespace, "redis": settings.redis_url,
                    "system_log": str(args.log)},
@@ -221,7 +223,8 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
     members = asyncio.create_task(watch_group_members(settings, most_members))
     try:
         async with EventProducer.from_settings(settings, client_id="smi-bench") as producer:
-            flow = Flow(run_id, images.image_url, gateway, secret, producer, watch, sink)
+            flow = Flow(run_id, images.image_url, gateway, secret, producer, watch, sink,
+                        pay_concurrency=args.pay_concurrency)
             await warm_up(flow, system)
 
             sent = await flow.publish_paced(flow.requests(args.paced_jobs, "paced"), per_second=1000)

@@ -29,7 +29,10 @@ def test_freezing_takes_live_objects_out_of_the_collector(restore_gc):
     assert frozen == gc.get_freeze_count() >= len(survivor)
     assert gc.is_tracked(survivor[0])
     assert not any(survivor[0] is obj for obj in gc.get_objects())  # frozen: in no generation's list
-    assert metrics.GC_FROZEN.collect()[0].samples[0].value == frozen
+    # The gauge reads the count when scraped: a frozen object that dies meanwhile (a
+    # temporary of another thread) leaves it, so it may be below the count at the
+    # freeze (a CI run saw one fewer), never above it or below what is still alive.
+    assert len(survivor) <= metrics.GC_FROZEN.collect()[0].samples[0].value <= frozen
 
 
 def test_every_pass_is_observed_by_generation_once_recorded(restore_gc):

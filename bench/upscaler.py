@@ -7,8 +7,8 @@ of its workers, from /proc, so the figures hold on a busy machine.
     python -m bench.upscaler [--count N] [--size WxH] [--concurrency C] [--workers W]
 
 The 8×8 default is the pipeline bench's image, fetched into memory; an image over
-smi.upscalers.local.IN_MEMORY_SOURCE_BYTES (a few thousand pixels a side of noise)
-takes the path through a source file."""
+smi.upscalers.local.IN_MEMORY_SOURCE_BYTES (512 KiB: ``--size 600x600`` of noise is
+about 1 MB) takes the path through a source file."""
 
 from __future__ import annotations
 

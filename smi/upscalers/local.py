@@ -110,7 +110,7 @@ class LocalUpscaler:
             before, after = await self._in_worker(upscale_file, source.data if source.path is None
                                                   else str(source.path), str(final), factor, self.max_output_pixels)
         finally:
-            if source is None or source.path is not None:
+            if source is not None and source.path is not None:  # written to a file (a failed fetch leaves none)
                 source_path.unlink(missing_ok=True)
         log.debug("job %s: upscaled %dx%d to %dx%d (%s)", job_id, *before, *after, final.name)  # per job
         return final
@@ -161,12 +161,11 @@ class LocalUpscaler:
             if self._pool is pool:
                 pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = self._new_pool()
+            error = TransientError("an upscaler worker process died")
         for index, call in enumerate(calls):
             if call.result.done():  # its caller was cancelled
                 continue
-            if isinstance(error, BrokenProcessPool):
-                call.result.set_exception(TransientError("an upscaler worker process died"))
-            elif error is not None:
+            if error is not None:
                 call.result.set_exception(error)
             else:
                 succeeded, value = outcomes[index]

@@ -123,12 +123,7 @@ async def test_bad_webhooks_get_4xx_and_publish_nothing(gateway, http, producer,
 
 async def test_a_failed_paid_job_is_refunded_exactly_once_across_a_crash_and_redelivery(
         checkout, gateway, http, producer, table, stripe_proxy, watcher):
-    job = await open_job(producer, table)
-    assert (await post_webhook(http, gateway, completed_event(job, payment_intent="pi_refund_me")))[0] == 200
-    await wait_status(table, job.job_id, S.PENDING)
-    failed = JobEvent.new("failed", job.job_id, data={"reason": "upscaler refused the image"})
-    await table.transition(job.job_id, S.FAILED, actor=Stage.PROCESSOR, event_id=failed.event_id,
-                           fields={"failure_reason": "upscaler refused the image"})
+    job, failed = await _paid_then_failed(producer, table, http, gateway, payment_intent="pi_refund_me")
 
     # Killed right after Stripe made the refund, before it is recorded or committed.
     checkout.kill()
@@ -159,12 +154,7 @@ async def test_a_refund_recorded_but_not_announced_before_a_crash_is_announced_a
         checkout, gateway, http, producer, table, stripe_proxy, watcher):
     # Found by the chaos run: the redelivered jobs.failed found the job "refunded",
     # not "paid", and returned without publishing: the customer got no refund email.
-    job = await open_job(producer, table)
-    assert (await post_webhook(http, gateway, completed_event(job, payment_intent="pi_refund_later")))[0] == 200
-    await wait_status(table, job.job_id, S.PENDING)
-    failed = JobEvent.new("failed", job.job_id, data={"reason": "upscaler refused the image"})
-    await table.transition(job.job_id, S.FAILED, actor=Stage.PROCESSOR, event_id=failed.event_id,
-                           fields={"failure_reason": "upscaler refused the image"})
+    job, failed = await _paid_then_failed(producer, table, http, gateway, payment_intent="pi_refund_later")
 
     checkout.kill()
     checkout.start(SMI_CRASH_AT="checkout.after_refund_recorded")  # killed after the record, before the publish
@@ -181,6 +171,18 @@ async def test_a_refund_recorded_but_not_announced_before_a_crash_is_announced_a
                                                      "amount_cents": recorded.refund_amount_cents}
     refunds = stripe_proxy.matching("POST", "/v1/refunds", **{"metadata[job_id]": job.job_id})
     assert len(refunds) == 1  # the redelivery refunded nothing more
+
+
+async def _paid_then_failed(producer, table, http, gateway, *, payment_intent: str):
+    """A job paid through the gateway, then failed by the processor: the job and its
+    jobs.failed event (not sent yet)."""
+    job = await open_job(producer, table)
+    assert (await post_webhook(http, gateway, completed_event(job, payment_intent=payment_intent)))[0] == 200
+    await wait_status(table, job.job_id, S.PENDING)
+    failed = JobEvent.new("failed", job.job_id, data={"reason": "upscaler refused the image"})
+    await table.transition(job.job_id, S.FAILED, actor=Stage.PROCESSOR, event_id=failed.event_id,
+                           fields={"failure_reason": "upscaler refused the image"})
+    return job, failed
 
 
 async def _refunded(table, job_id):

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     # Messages a stage agent handles at once (concurrently, one job's in order) and
     # acks together; and how many SMTP connections the notifier opens at once.
     stage_batch_size: int = Field(256, ge=1, le=10_000)
+    # Batches an agent has in hand at once: a second fills the first's round trips.
+    stage_batches_in_flight: int = Field(2, ge=1, le=16)
     smtp_connections: int = Field(8, ge=1, le=256)
     topic_partitions: int = Field(6, ge=1)
     topic_replication: int = Field(1, ge=1)

@@ -45,8 +45,8 @@ RESIZABLE_MODES = ("RGB", "RGBA", "L", "LA")
 # Calls sent to the worker processes in one submission, at most (see _in_worker).
 MAX_CALLS_PER_SUBMISSION = 16
 # Images up to this size are fetched into memory, not to a file: most shop images
-# (a WordPress "large" JPEG is 100-300 KB). A stage's batch of 256 jobs holds at most
-# 128 MiB of them.
+# (a WordPress "large" JPEG is 100-300 KB). The two batches of 256 jobs a stage has in
+# hand when behind (STAGE_BATCHES_IN_FLIGHT) hold at most 256 MiB of them.
 IN_MEMORY_SOURCE_BYTES = 512 * 1024
 
 

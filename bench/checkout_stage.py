@@ -19,13 +19,12 @@ import argparse
 import asyncio
 import json
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-from bench.cpu import _tree_cpu
+from bench.cpu import CpuWindow
 from bench.pipeline import Flow
-from bench.report import percentile
+from bench.report import stage_figures
 from bench.system import EventWatch, SystemProcess
 from bench.table import namespace_keys, unlink
 from schemas.topics import JOBS_AWAITING_PAYMENT, JOBS_DEAD_LETTER
@@ -49,31 +48,28 @@ async def run(args: argparse.Namespace) -> dict:
     redis = connect(settings.redis_url, settings.redis_cluster_nodes)
     try:
         async with EventProducer.from_settings(settings, client_id="bench-checkout") as producer:
-            flow = Flow(run_id, "http://127.0.0.1/tiny.png", "", "", producer, watch)
+            flow = Flow(run_id, "http://127.0.0.1/tiny.png", gateway="", webhook_secret="", producer=producer,
+                        watch=watch)
             if args.mode == "backlog":
                 sent = await flow.publish(flow.requests(args.count, "backlog"))
                 stage = await SystemProcess("checkout", env, log).start()
                 await watch.wait(lambda: bool(watch.by_request), timeout=120, what="the first event")
-                cpu_before, started = _tree_cpu(stage.proc.pid), time.monotonic()
+                cpu = CpuWindow({"checkout": stage.proc.pid}).start()
             else:
                 stage = await SystemProcess("checkout", env, log).start()
                 warm = await flow.publish(flow.requests(200, "warm"))
                 await watch.wait(lambda: all(r in watch.by_request for r in warm), timeout=120, what="warm-up")
-                cpu_before, started = _tree_cpu(stage.proc.pid), time.monotonic()
+                cpu = CpuWindow({"checkout": stage.proc.pid}).start()
                 sent = await flow.publish_paced(flow.requests(args.rate * args.seconds, "paced"), args.rate)
             await watch.wait(lambda: all(r in watch.by_request for r in sent), timeout=300, what="awaiting_payment")
-            cpu, seconds = _tree_cpu(stage.proc.pid) - cpu_before, time.monotonic() - started
+            cores = cpu.stop()["checkout"]
         done = {r: watch.by_request[r][0] for r in sent if r in watch.by_request}
-        result = {"mode": args.mode, "requests": len(sent), "awaiting_payment": len(done),
-                  "dead_letters": len(watch.dead_letters), "stage_cores": round(cpu / seconds, 2),
-                  "cpu_ms_per_request": round(cpu * 1000 / max(1, len(done)), 3)}
-        if args.mode == "backlog":
-            ends = sorted(done.values())
-            result["rate"] = round((len(ends) - 1) / (ends[-1] - ends[0])) if len(ends) > 1 else None
-        else:
-            latencies = sorted((done[r] - sent[r]) * 1000 for r in done)
-            result["latency_ms"] = {f"p{p}": round(percentile(latencies, p), 1) for p in (50, 95, 99)}
-        return result
+        # A backlog's rate counts from its first event (the requests were published
+        # before the stage started); a paced run's latency from each request.
+        since = min(done.values(), default=None) if args.mode == "backlog" else None
+        return {"mode": args.mode, **stage_figures(sent, done, len(sent), since=since),
+                "dead_letters": len(watch.dead_letters), "stage_cores": cores,
+                "cpu_ms_per_request": round(cores * cpu.seconds * 1000 / max(1, len(done)), 3)}
     finally:
         if stage is not None:
             await stage.stop()

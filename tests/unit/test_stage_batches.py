@@ -93,7 +93,7 @@ async def test_messages_without_a_key_are_not_held_behind_each_other():
         await window.drained()
 
 
-async def test_a_second_batch_is_taken_only_when_a_whole_one_waits_or_the_first_is_done():
+async def test_a_second_batch_is_taken_only_when_a_whole_one_waits_and_a_third_not_at_all():
     stage = Stage(hold={0})
     full = asyncio.Event()
     async with stage.window(size=2) as window:

@@ -108,11 +108,13 @@ def image_session() -> aiohttp.ClientSession:
 async def fetch_to_file(url: str, dest: Path, *, max_bytes: int, allow: HostAllowList,
                         allowed_kinds: Iterable[str] = IMAGE_KINDS, timeout: float = 30, max_redirects: int = 5,
                         resolver: Resolver | None = None, session: aiohttp.ClientSession | None = None,
-                        in_memory_up_to: int = 0) -> FetchedFile:
+                        in_memory_up_to: int = 0, durable: bool = False) -> FetchedFile:
     """Download ``url`` to ``dest`` (written whole via a temp file and a rename, or
     not at all). ``timeout`` bounds the whole fetch: resolution, redirects, body.
     A body of at most ``in_memory_up_to`` bytes is returned in memory instead, and
-    nothing is written: no directory, no file, no rename.
+    nothing is written: no directory, no file, no rename. ``durable`` flushes the
+    file to disk (fsync, in a thread) before it is named: for a file that must
+    survive a crash of the machine once it is recorded as there.
 
     Raises BlockedURL (an UnsafeURL) for a URL or address the rule forbids,
     FetchRejected for what no retry will fix, TransientError for what one may."""
@@ -124,7 +126,7 @@ async def fetch_to_file(url: str, dest: Path, *, max_bytes: int, allow: HostAllo
             return await _follow(url, dest, session, max_bytes=max_bytes, allow=allow,
                                  allowed_kinds=tuple(allowed_kinds), max_redirects=max_redirects,
                                  resolve=resolver or system_resolver, connect_timeout=timeout,
-                                 in_memory_up_to=in_memory_up_to)
+                                 in_memory_up_to=in_memory_up_to, durable=durable)
     except TimeoutError:
         raise TransientError(f"timed out after {timeout:g}s fetching {redact(url)}") from None
     except aiohttp.ClientError as exc:
@@ -137,7 +139,7 @@ async def fetch_to_file(url: str, dest: Path, *, max_bytes: int, allow: HostAllo
 
 async def _follow(url: str, dest: Path, session: aiohttp.ClientSession, *, max_bytes: int, allow: HostAllowList,
                   allowed_kinds: tuple[str, ...], max_redirects: int, resolve: Resolver,
-                  connect_timeout: float, in_memory_up_to: int) -> FetchedFile:
+                  connect_timeout: float, in_memory_up_to: int, durable: bool) -> FetchedFile:
     current = url
     for _ in range(max_redirects + 1):
         target, addresses = await vet_url(current, allow, resolve)
@@ -149,7 +151,7 @@ async def _follow(url: str, dest: Path, session: aiohttp.ClientSession, *, max_b
                 continue
             _check_status(response.status, target)
             fetched = await _save_body(response, dest, max_bytes=max_bytes, allowed_kinds=allowed_kinds,
-                                       in_memory_up_to=in_memory_up_to)
+                                       in_memory_up_to=in_memory_up_to, durable=durable)
         finally:
             response.release()
         log.debug("fetched %s: %s, %d bytes", redact(target), fetched.kind, fetched.size)  # per image
@@ -247,7 +249,7 @@ def _require_image(head: bytes, content_type: str | None, allowed_kinds: tuple[s
 
 
 async def _save_body(response: aiohttp.ClientResponse, dest: Path, *, max_bytes: int,
-                     allowed_kinds: tuple[str, ...], in_memory_up_to: int) -> FetchedFile:
+                     allowed_kinds: tuple[str, ...], in_memory_up_to: int, durable: bool) -> FetchedFile:
     content_type = response.headers.get("Content-Type")
     declared = response.content_length
     if declared is not None and declared > max_bytes:
@@ -279,7 +281,11 @@ async def _save_body(response: aiohttp.ClientResponse, dest: Path, *, max_bytes:
             kind = _require_image(head, content_type, allowed_kinds)
         if held is not None:
             return FetchedFile(path=None, kind=kind, size=size, content_type=content_type, data=b"".join(held))
-        out.close()  # opened: a body with no chunk was refused above as no image
+        # Opened: a body with no chunk was refused above as no image.
+        if durable:  # the wait on the disk's journal is a thread's, not the event loop's
+            out.flush()
+            await asyncio.to_thread(os.fsync, out.fileno())
+        out.close()
         os.replace(temp, dest)
     except BaseException:
         if out is not None:

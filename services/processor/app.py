@@ -40,11 +40,11 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Processor]:
     if settings.upscaler == "local":
         local = LocalUpscaler(storage, allow=allow, max_input_bytes=settings.max_image_bytes,
                               workers=settings.local_upscaler_workers or os.cpu_count() or 1)
-        close_on_stop(app, local.close)  # its HTTP session and worker processes
         backend = {"local": local}
     else:
         backend = {"remote": UpsamplerClient(settings.upsampler_base_url, settings.upsampler_api_key)}
     processor = Processor(table, producer.send, config, clock=clock.now, **backend)
+    close_on_stop(app, processor.close)  # its HTTP sessions, and the local backend's worker processes
 
     add_stage_agents(app, producer, {
         JOBS_PENDING: value_of(processor.on_pending),

@@ -47,7 +47,8 @@ class UpsamplerClient:
         body = _status_body(await self._call("POST", "/precise-upscale", json=request))
         if body["status"] == FAILED:
             raise PermanentError(f"Upsampler refused the job: {self._short(body.get('error') or 'no reason given')}")
-        log.info("upsampler job %s submitted: %s, %s credits", body["id"], body["status"], body.get("creditCost"))
+        # Per job, so DEBUG: the table records the submission (upscaler id, attempt).
+        log.debug("upsampler job %s submitted: %s, %s credits", body["id"], body["status"], body.get("creditCost"))
         return Submission(id=body["id"], status=body["status"], credit_cost=body.get("creditCost"))
 
     async def status(self, upscaler_id: str) -> dict[str, Any]:

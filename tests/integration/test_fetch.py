@@ -5,6 +5,7 @@ size and magic-byte checks that never leave a partial file; and error classes.""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -210,6 +211,29 @@ async def test_a_body_over_the_memory_limit_goes_to_the_file_whole(images, tmp_p
         assert (fetched.path, fetched.data) == (dest, None)
         assert dest.read_bytes() == expected
         assert leftovers(dest.parent) == ["source"]
+
+
+@pytest.mark.parametrize("durable", [True, False])
+async def test_a_durable_fetch_is_on_disk_before_it_is_named(images, tmp_path, monkeypatch, durable):
+    # fsync is recorded (which file, whether the final name existed yet), then done.
+    dest = tmp_path / "in" / "result"
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), dest.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    fetched = await fetch_to_file(f"{images.url}/img/64x48.png", dest, max_bytes=MiB, allow=LOOPBACK,
+                                  durable=durable)
+    assert fetched.path == dest and dest.read_bytes() == make_image(64, 48, "png")
+    if durable:
+        [(path, named_yet)] = synced
+        assert Path(path).parent == dest.parent and Path(path).name.endswith(".part") and not named_yet
+    else:
+        assert synced == []
+    assert leftovers(dest.parent) == ["result"]
 
 
 async def test_a_body_that_is_not_an_image_is_refused_and_leaves_no_file(images, tmp_path):

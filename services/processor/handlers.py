@@ -248,8 +248,9 @@ class Processor:
         if not event.image_url:
             raise PermanentError("SUCCESS without an imageUrl")
         # In this attempt's own directory (smi/jobfiles.py): the janitor may be
-        # purging an earlier, failed attempt's files right now.
-        directory = attempt_dir(self.config.storage_dir, job.job_id, job.attempts).resolve()
+        # purging an earlier, failed attempt's files right now. absolute(), not
+        # resolve(): STORAGE_DIR is resolved once at start (see _run_local).
+        directory = attempt_dir(self.config.storage_dir, job.job_id, job.attempts).absolute()
         download = directory / f"upscaled-{job.resolution}.download"
         if self._results_session is None or self._results_session.closed:
             self._results_session = image_session()

@@ -10,7 +10,7 @@
 -- expiry) would lead to nothing.
 local id, now, hash, expires, warn, revoke = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local key = KEYS[1]
-local tokens = lookup_index('tok')
+local tokens = lookup_index(TOKEN_LOOKUP)
 local status = redis.call('HGET', key, F.status)
 if not status then return {'missing', '', ''} end
 if redis.call('HEXISTS', key, F.download_expired_at) == 1 then return {'expired', status, ''} end

@@ -7,12 +7,8 @@
 
 local TAG = ARGV[1]
 -- Fields are stored under short codes (smi/jobtable/codec.py): F.<name> is the code.
-local LOOKUPS = {
-  [F.stripe_checkout_session_id] = 'cs',
-  [F.stripe_payment_intent_id] = 'pi',
-  [F.upsampler_job_id] = 'up',
-  [F.callback_token_hash] = 'cb',
-}
+-- LOOKUPS (field code -> index code) and TOKEN_LOOKUP come from smi/jobtable/keys.py
+-- (scripts.lua_lookups), prepended with F.
 
 local function status_index(status, order)
   return 'st:' .. TAG .. ':' .. status .. ':' .. order

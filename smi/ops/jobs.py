@@ -89,12 +89,16 @@ async def job_named(table: JobTable, text: str) -> Job:
 
 
 async def show_job(table: JobTable, job_id: str) -> dict[str, Any]:
-    """The redacted job plus its transition history, oldest first."""
+    """The redacted job, the side effects done for it, and its transition history,
+    oldest first."""
     return await job_view(table, await require_job(table, job_id))
 
 
 async def job_view(table: JobTable, job: Job) -> dict[str, Any]:
     view = job.redacted()
+    # The side effects done once per job (JobTable.mark_done: "email:ready", ...): the
+    # record of each email sent, which the notifier logs only at DEBUG.
+    view["done"] = sorted(job.done)
     view["history"] = [
         {"at": rfc3339(entry.at), "from": entry.source.value if entry.source else None,
          "to": entry.target.value, "by": entry.actor, "event_id": entry.event_id}

@@ -58,7 +58,8 @@ def jobs_table(jobs: list[Job], next_cursor: str | None = None) -> Table:
 
 
 def job_detail(view: dict[str, Any]) -> Group:
-    """``view`` is smi.ops.jobs.show_job's result: redacted fields plus history."""
+    """``view`` is smi.ops.jobs.show_job's result: redacted fields, the steps done,
+    and the history."""
     fields = Table(show_header=False, title=f"job {view['job_id']}")
     fields.add_column(style="bold")
     fields.add_column()
@@ -66,7 +67,8 @@ def job_detail(view: dict[str, Any]) -> Group:
     for name in names:
         value = view.get(name)
         if value is not None:
-            shown = money(value) if name.endswith("_cents") else moment(value) if name.endswith("_at") else str(value)
+            shown = (money(value) if name.endswith("_cents") else moment(value) if name.endswith("_at")
+                     else ", ".join(value) or "-" if isinstance(value, list) else str(value))
             fields.add_row(name, shown)
     history = Table(title="history")
     for name in ("at (UTC)", "from", "to", "by", "event id"):

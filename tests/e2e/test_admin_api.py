@@ -131,7 +131,7 @@ async def test_bad_query_arguments_are_refused_with_a_message(admin, http, query
     assert status == 400 and body["error"]
 
 
-async def test_a_job_shows_redacted_with_its_history(admin, table, http):
+async def test_a_job_shows_redacted_with_the_steps_done_and_its_history(admin, table, http):
     job = await make_job(table, S.FAILED)
     status, body, _ = await call(http, "GET", f"{admin.url}/admin/jobs/{job.job_id}", headers=AUTH)
     assert status == 200
@@ -140,6 +140,10 @@ async def test_a_job_shows_redacted_with_its_history(admin, table, http):
     assert [(entry["from"], entry["to"]) for entry in body["history"]] == [
         (None, "new"), ("new", "awaiting_payment"), ("awaiting_payment", "pending"), ("pending", "processing"),
         ("processing", "failed")]
+    assert body["done"] == []
+    await table.mark_done(job.job_id, "email:refund")  # what the notifier records once an email is sent
+    status, body, _ = await call(http, "GET", f"{admin.url}/admin/jobs/{job.job_id}", headers=AUTH)
+    assert status == 200 and body["done"] == ["email:refund"]
     for missing in (str(uuid.uuid4()), "not-a-job"):
         status, body, _ = await call(http, "GET", f"{admin.url}/admin/jobs/{missing}", headers=AUTH)
         assert status == 404 and body["error"]

@@ -49,6 +49,7 @@ async def test_an_operator_logs_in_filters_and_retries_a_failed_job(admin, brows
     # Refunded, as checkout leaves every failed paid job: a running processor
     # refuses the retry without force, so the job moves only when this test moves it.
     failed = await make_job(table, S.FAILED, refund_id=f"re_{uuid.uuid4().hex[:12]}", refund_amount_cents=384)
+    await table.mark_done(failed.job_id, "email:refund")  # the refund email, sent
     completed = await make_job(table, S.COMPLETED)
     page = await browser.new_page()
 
@@ -78,6 +79,8 @@ async def test_an_operator_logs_in_filters_and_retries_a_failed_job(admin, brows
     assert await page.locator("#job-status").inner_text() == "failed"
     history = await page.locator("h2:has-text('History') + table tbody tr").count()
     assert history == 5  # new, awaiting_payment, pending, processing, failed
+    assert await page.locator("h2:has-text('Fields') + table tr:has(th:text-is('done')) td").inner_text() \
+        == "email:refund"
     async with page.expect_navigation():
         await page.click("button:has-text('Retry')")
     assert "Retry requested" in await page.locator(".notice").inner_text()

@@ -9,6 +9,7 @@ import asyncio
 import getpass
 import json
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ async def seeded():
     await table.update(ids["done_b"], {"cost_cents": 200, "credits": 50})
     await table.update(ids["failed"], {"cost_cents": 120, "refund_id": "re_test", "refund_amount_cents": 500,
                                        "refunded_at": paid})
+    await table.mark_done(ids["failed"], "email:refund")  # the refund email, sent
     # The oldest job is the last one written, so updated_at orders it first.
     await table.update(ids["new"], {"post_id": 8})
     yield Seeded(ids)
@@ -135,7 +137,7 @@ async def test_list_as_a_table_for_people(seeded):
 # ------------------------------------------------------------------------ jobs show
 
 
-async def test_show_gives_the_redacted_job_and_its_history(seeded):
+async def test_show_gives_the_redacted_job_the_steps_done_and_its_history(seeded):
     job_id = seeded.ids["failed"]
     run = await smi("jobs", "show", job_id, "--json")
     assert run.code == 0, run.err
@@ -146,10 +148,12 @@ async def test_show_gives_the_redacted_job_and_its_history(seeded):
         ("processing", "failed")]
     assert all(h["at"] and h["by"] for h in view["history"])
     assert "email" not in view and view["has_email"] is True and EMAIL not in run.out
+    assert view["done"] == ["email:refund"]
 
     table = await smi("jobs", "show", job_id)
     assert table.code == 0, table.err
     assert "history" in table.out and "processing" in table.out and EMAIL not in table.out
+    assert re.search(r"done\s*│\s*email:refund", table.out), table.out
 
 
 @pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "not-a-job-id", "{s1}"], ids=["unknown", "malformed", "braces"])

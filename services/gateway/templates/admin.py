@@ -132,7 +132,8 @@ def jobs_page(*, jobs: list[dict[str, Any]], form: Mapping[str, str], statuses: 
 
 
 def job_page(view: dict[str, Any], *, csrf: str, sent: str | None = None) -> str:
-    """``view`` is smi.ops.jobs.show_job's: the redacted job and its history."""
+    """``view`` is smi.ops.jobs.show_job's: the redacted job, the steps done and
+    its history."""
     fields = "".join(f"<tr><th>{esc(name)}</th><td>{_field(name, value)}</td></tr>"
                      for name, value in view.items() if name != "history" and value is not None)
     history = "".join(
@@ -200,4 +201,6 @@ def _field(name: str, value: Any) -> str:
         return "yes" if value else "no"
     if name.endswith("_cents") and isinstance(value, int):
         return _money(value)
+    if isinstance(value, list):  # the steps done: "email:ready, email:expiring:…"
+        return esc(", ".join(value)) or "-"
     return esc(value)

@@ -17,19 +17,22 @@ stack-down:
 	$(SMI) stack down
 
 # A hard limit: a test that leaves a non-daemon thread behind must fail the run,
-# not hang it until CI's own limit.
+# not hang it until CI's own limit. The limits leave room for a slow day of the
+# shared 2-core VM (2.3 times slower at every baseline on 2 December: the suite,
+# 11 minutes on a usual day, heads for 25-30); with the install, both stay under
+# CI's 90 minutes.
 # The whole suite (the CI-sized chaos run included), then the end-to-end suite
 # once more scaled out.
 test: stack-up
-	timeout --kill-after=30 30m $(PYTHON) -m pytest -q
-	$(SCALE_OUT) timeout --kill-after=30 20m $(PYTHON) -m pytest -q tests/e2e
+	timeout --kill-after=30 45m $(PYTHON) -m pytest -q
+	$(SCALE_OUT) timeout --kill-after=30 30m $(PYTHON) -m pytest -q tests/e2e
 
 # The end-to-end suite scaled out (issue 7): two processes per Faust stage in each
 # consumer group, and the job table on a throwaway 3-node Redis Cluster
 # (tests/e2e/conftest.py: E2E_WORKERS, E2E_REDIS_CLUSTER).
 SCALE_OUT = E2E_WORKERS=2 E2E_REDIS_CLUSTER=1
 test-scale: stack-up
-	$(SCALE_OUT) timeout --kill-after=30 20m $(PYTHON) -m pytest -q tests/e2e
+	$(SCALE_OUT) timeout --kill-after=30 30m $(PYTHON) -m pytest -q tests/e2e
 
 # Local defaults: the built-in payment provider and the Pillow upscaler; the demo's
 # sample image is served by the gateway on loopback, hence the allow-list entry.

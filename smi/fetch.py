@@ -105,6 +105,23 @@ def image_session() -> aiohttp.ClientSession:
                                  connector=aiohttp.TCPConnector(limit=64, limit_per_host=16))
 
 
+class SharedImageSession:
+    """One ``image_session()`` for a component's many fetches, made on first use
+    (inside the running loop, as a ClientSession must be) and again if closed."""
+
+    def __init__(self) -> None:
+        self.current: aiohttp.ClientSession | None = None
+
+    def get(self) -> aiohttp.ClientSession:
+        if self.current is None or self.current.closed:
+            self.current = image_session()
+        return self.current
+
+    async def close(self) -> None:
+        if self.current is not None:
+            await self.current.close()
+
+
 async def fetch_to_file(url: str, dest: Path, *, max_bytes: int, allow: HostAllowList,
                         allowed_kinds: Iterable[str] = IMAGE_KINDS, timeout: float = 30, max_redirects: int = 5,
                         resolver: Resolver | None = None, session: aiohttp.ClientSession | None = None,

@@ -37,7 +37,7 @@ from schemas.urls import HostAllowList, UnsafeURL
 from smi import metrics
 from smi.errors import PermanentError, TransientError
 from smi.faults import crash_point
-from smi.fetch import Resolver, fetch_to_file, image_session, system_resolver, vet_url
+from smi.fetch import Resolver, SharedImageSession, fetch_to_file, system_resolver, vet_url
 from smi.jobfiles import attempt_dir, job_dir
 from smi.jobtable import JobNotFound, JobTable, hash_token
 from smi.kafka.producer import Publisher
@@ -74,16 +74,14 @@ class Processor:
         self.local = local
         self.resolver = resolver
         self.clock = clock
-        # Upsampler results are downloaded through one session (smi.fetch.image_session,
-        # made in the running loop on first use): a session per download cost a new
-        # client, connector and TCP connection per job.
-        self._results_session = None
+        # Upsampler results are downloaded through one session: a session per download
+        # cost a new client, connector and TCP connection per job.
+        self._results_session = SharedImageSession()
 
     async def close(self) -> None:
         """The result downloads' session and the backend's own (HTTP session, worker
         processes)."""
-        if self._results_session is not None:
-            await self._results_session.close()
+        await self._results_session.close()
         await (self.remote or self.local).close()
 
     # -- jobs.pending ---------------------------------------------------------------
@@ -252,10 +250,9 @@ class Processor:
         # resolve(): STORAGE_DIR is resolved once at start (see _run_local).
         directory = attempt_dir(self.config.storage_dir, job.job_id, job.attempts).absolute()
         download = directory / f"upscaled-{job.resolution}.download"
-        if self._results_session is None or self._results_session.closed:
-            self._results_session = image_session()
         fetched = await fetch_to_file(event.image_url, download, max_bytes=self.config.max_result_bytes,
-                                      allow=self.config.allow, resolver=self.resolver, session=self._results_session,
+                                      allow=self.config.allow, resolver=self.resolver,
+                                      session=self._results_session.get(),
                                       durable=True)  # on disk before the job says completed, as the local backend's
         final = directory / f"upscaled-{job.resolution}.{'jpg' if fetched.kind == 'jpeg' else fetched.kind}"
         fetched.path.replace(final)

@@ -29,7 +29,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from schemas.urls import HostAllowList
 from smi.errors import PermanentError, TransientError
-from smi.fetch import fetch_to_file, image_session
+from smi.fetch import SharedImageSession, fetch_to_file
 from smi.jobfiles import attempt_dir, job_dir
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class LocalUpscaler:
         self.workers = workers
         self._pool = self._new_pool()
         self._waiting: list[_WaitingCall] = []  # worker calls of this pass of the event loop
-        self._session = None  # smi.fetch.image_session(), made in the running loop on first use
+        self._session = SharedImageSession()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: forking a process that runs Kafka and Redis client
@@ -103,10 +103,8 @@ class LocalUpscaler:
         source_path = final.parent / f".source-{uuid.uuid4().hex}"
         source = None
         try:
-            if self._session is None or self._session.closed:
-                self._session = image_session()
             source = await fetch_to_file(image_url, source_path, max_bytes=self.max_input_bytes, allow=self.allow,
-                                         session=self._session, in_memory_up_to=IN_MEMORY_SOURCE_BYTES)
+                                         session=self._session.get(), in_memory_up_to=IN_MEMORY_SOURCE_BYTES)
             before, after = await self._in_worker(upscale_file, source.data if source.path is None
                                                   else str(source.path), str(final), factor, self.max_output_pixels)
         finally:
@@ -172,8 +170,7 @@ class LocalUpscaler:
                 call.result.set_result(value) if succeeded else call.result.set_exception(value)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._session.close()
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
 
 

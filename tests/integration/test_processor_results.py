@@ -1,6 +1,7 @@
 """An Upsampler result stored by the processor on the real job table, fetched over
-real HTTP: on disk (fsync) before the job says completed, the files of many jobs
-downloaded through one session, and that session released by ``close()``."""
+real HTTP: on disk (fsync) before the processor moves the job to completed, the
+files of many jobs downloaded through one session, and that session released by
+``close()``."""
 
 from __future__ import annotations
 
@@ -43,24 +44,29 @@ async def test_results_are_synced_before_completion_through_one_session(table, t
     processor = Processor(table, publish, config, remote=remote, clock=lambda: datetime.now(UTC))
     jobs = [await make_job(table, S.PROCESSING, upsampler_job_id=f"up-{n}", attempts=1) for n in range(3)]
 
-    # Each fsync records the job's status at that moment: the file must be on disk
-    # while the job is still processing.
-    synced: list[tuple[str, S]] = []
-    real_fsync = os.fsync
+    # One log, in the order things happen: each fsync (of which file), and each move
+    # of a job to completed, as the processor asks the table for it. The file must be
+    # on disk before the job says completed.
+    happened: list[tuple[str, str]] = []
+    real_fsync, real_transition = os.fsync, table.transition
 
     def recording_fsync(fd: int) -> None:
-        path = os.readlink(f"/proc/self/fd/{fd}")
-        synced.append((path, next(job.status for job in statuses if job.job_id in path)))
+        happened.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         real_fsync(fd)
 
+    async def recording_transition(job_id, target, **options):
+        if target is S.COMPLETED:
+            happened.append(("completed", job_id))
+        return await real_transition(job_id, target, **options)
+
     monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(table, "transition", recording_transition)
     async with ImageServer() as images:
         for job in jobs:
-            statuses = [await table.get(job.job_id)]
             event = {"job_id": job.job_id, "id": job.upsampler_job_id, "status": "SUCCESS", "creditCost": 2,
                      "imageUrl": f"{images.url}/img/64x48.png"}
             assert (await processor.on_upscaler_event(json.dumps(event).encode())).startswith("completed")
-            session = processor._results_session
+            session = processor._results_session.current
             assert session is not None and not session.closed
             if job is jobs[0]:
                 first_session = session
@@ -69,8 +75,9 @@ async def test_results_are_synced_before_completion_through_one_session(table, t
             done = await table.get(job.job_id)
             assert done.status is S.COMPLETED
             assert Path(done.upscaled_file_path).read_bytes() == make_image(64, 48, "png")
-            [(path, status)] = [entry for entry in synced if job.job_id in entry[0]]
-            assert status is S.PROCESSING and path.endswith(".part")
+            [(synced_at, path)] = [(at, what) for at, (kind, what) in enumerate(happened)
+                                   if kind == "fsync" and job.job_id in what]
+            assert path.endswith(".part") and synced_at < happened.index(("completed", job.job_id))
     assert [name for name, _ in published] == ["jobs.completed"] * 3
 
     await processor.close()

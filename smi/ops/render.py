@@ -67,15 +67,23 @@ def job_detail(view: dict[str, Any]) -> Group:
     for name in names:
         value = view.get(name)
         if value is not None:
-            shown = (money(value) if name.endswith("_cents") else moment(value) if name.endswith("_at")
-                     else ", ".join(value) or "-" if isinstance(value, list) else str(value))
-            fields.add_row(name, shown)
+            fields.add_row(name, _shown(name, value))
     history = Table(title="history")
     for name in ("at (UTC)", "from", "to", "by", "event id"):
         history.add_column(name)
     for entry in view["history"]:
         history.add_row(moment(entry["at"]), entry["from"] or "-", entry["to"], entry["by"], entry["event_id"] or "-")
     return Group(fields, history)
+
+
+def _shown(name: str, value: Any) -> str:
+    if name.endswith("_cents"):
+        return money(value)
+    if name.endswith("_at"):
+        return moment(value)
+    if isinstance(value, list):  # the steps done
+        return ", ".join(value) or "-"
+    return str(value)
 
 
 def revenue_table(totals: Revenue) -> Table:

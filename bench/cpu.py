@@ -61,14 +61,17 @@ def command_line(pid: int) -> list[str]:
 
 
 def system_processes(supervisor_pid: int, layout: Layout | None = None) -> dict[str, int]:
-    """name → pid: the stages under `smi run all` (and each stage's worker
-    processes, e.g. the local upscaler's, as "<stage>.workers"), Kafka and Redis."""
+    """name → pid: the stages under `smi run all` (a stage's second and later
+    workers as "<stage>.2", ...; a process's own children, e.g. the local
+    upscaler's pool, count with it), Kafka and Redis."""
     found: dict[str, int] = {}
-    for pid in children(supervisor_pid):
+    # By pid: pids rise in the order the supervisor starts its workers (until one restarts).
+    for pid in sorted(children(supervisor_pid)):
         line = command_line(pid)
         stage = next((part.split(".", 1)[1] for part in line if part.startswith("services.")), None)
         if stage:
-            found[stage] = pid
+            number = sum(1 for name in found if name == stage or name.startswith(stage + "."))
+            found[stage if not number else f"{stage}.{number + 1}"] = pid
     layout = layout or Layout.from_env()
     for component in ("kafka", "redis"):
         try:
@@ -76,6 +79,16 @@ def system_processes(supervisor_pid: int, layout: Layout | None = None) -> dict[
         except (OSError, ValueError, IndexError):
             pass
     return found
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy since boot, every core (/proc/stat:
+    all but idle and iowait): what the bench itself, its profiler and anything else
+    on the machine use counts too."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    # guest time is counted in user already (fields 8 and 9)
+    return (sum(fields[:8]) - idle) / CLOCK_TICKS
 
 
 def _tree_cpu(pid: int) -> float:
@@ -95,31 +108,40 @@ class CpuWindow:
     started: dict[str, float] | None = None
     start_time: float = 0.0
     seconds: float = 0.0  # the window's length, once stopped
+    machine: float | None = None  # cores the whole machine used, once stopped
+    _machine_started: float = 0.0
 
     def start(self) -> CpuWindow:
         self.start_time = asyncio.get_running_loop().time()
         self.started = {name: _tree_cpu(pid) for name, pid in self.processes.items()}
+        self._machine_started = machine_busy_seconds()
         return self
 
     def stop(self) -> dict[str, float]:
         self.seconds = wall = asyncio.get_running_loop().time() - self.start_time
         if wall <= 0 or self.started is None:
             return {}
+        self.machine = round((machine_busy_seconds() - self._machine_started) / wall, 2)
         return {name: round((_tree_cpu(pid) - self.started[name]) / wall, 2)
                 for name, pid in self.processes.items()}
 
 
-def bottleneck(phase: str, cores: Mapping[str, float]) -> str:
-    """One sentence: which process limits the phase, by its CPU use."""
+def bottleneck(phase: str, cores: Mapping[str, float], machine: float | None = None) -> str:
+    """One sentence: which process limits the phase, by its CPU use; or the machine,
+    when its cores are all but used up (``machine``: the cores every process on it
+    used, the bench's own included; else the sum of ``cores``)."""
     if not cores:
         return "no CPU figures"
     busiest, used = max(cores.items(), key=lambda item: item[1])
     owner = PHASE_OWNERS.get(phase)
     if used >= SATURATED:
         return f"{busiest} is CPU-bound ({used:.2f} of one core)"
-    machine = sum(cores.values())
-    if machine >= 0.85 * (os.cpu_count() or 1):
-        return f"the machine is CPU-bound ({machine:.2f} of {os.cpu_count()} cores in use; {busiest} the busiest)"
+    ours = sum(cores.values())
+    machine = max(machine or 0.0, ours)
+    if machine >= SATURATED * (os.cpu_count() or 1):
+        rest = f", the system's processes {ours:.2f}" if machine - ours >= 0.05 else ""
+        return (f"the machine is CPU-bound ({machine:.2f} of {os.cpu_count()} cores in use{rest}; "
+                f"{busiest} the busiest)")
     who = owner or busiest
     return (f"no process is CPU-bound (busiest {busiest} at {used:.2f} of a core): {who} waits, "
             f"on round trips or its worker pool; see its profile")

@@ -46,6 +46,8 @@ from smi.kafka.producer import EventProducer
 from smi.settings import Settings
 from smi.stack.kafka_broker import kafka_version
 from smi.stack.topics import ensure_topics
+from smi.stages import FAUST_STAGES
+from smi.supervisor import parse_workers
 
 BENCH_NAMESPACE = "bench."
 PARTS = ("baselines", "pipeline", "stripe", "table", "janitor")
@@ -76,6 +78,9 @@ def build_parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
     parser.add_argument("--million", action="store_true",
                         help="also measure a table of 1,000,000 jobs (~5 GB of Redis and its AOF, ~30 min)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"what to measure (default {','.join(PARTS)})")
+    parser.add_argument("--workers", action="append", default=[], metavar="STAGE=N",
+                        help="more processes of a Faust stage in the system measured, as `smi run all "
+                             "--workers` (e.g. checkout=2)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the py-spy profile of each phase's stage (CPU per process is still measured)")
     return parser
@@ -88,6 +93,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
     unknown = set(args.parts) - set(PARTS)
     if unknown or args.jobs < 1 or args.pay_concurrency < 1:
         say(f"[red]bad arguments: {', '.join(unknown) or '--jobs and --pay-concurrency must be ≥ 1'}[/]")
+        return 2
+    try:
+        args.worker_counts = parse_workers(args.workers, FAUST_STAGES)
+    except ValueError as exc:
+        say(f"[red]bad arguments: {exc}[/]")
         return 2
     if args.profile and py_spy() is None:
         say("[yellow]py-spy not found (pip install py-spy): no profiles, CPU per process only[/]")
@@ -121,7 +131,8 @@ async def run(args: argparse.Namespace) -> int:
         "machine": await machine_facts(redis),
         "config": {"jobs": args.jobs, "paced_jobs": args.paced_jobs, "paced_rate": 1000, "upscaler": args.upscaler,
                    "baseline_messages": args.baseline_messages, "pay_concurrency": args.pay_concurrency,
-                   "stripe_jobs": args.stripe_jobs, "parts": args.parts, "kafka": settings.kafka_bootstrap_servers,
+                   "stripe_jobs": args.stripe_jobs, "parts": args.parts, "workers": args.worker_counts,
+                   "kafka": settings.kafka_bootstrap_servers,
                    "kafka_namespace": settings.kafka_namespace, "redis": settings.redis_url,
                    "system_log": str(args.log)},
         "stages": {}, "bottlenecks": {}, "baselines": {}, "redis": {"tables": {}}, "janitor": {}, "notes": [NOISE], "errors": []}
@@ -217,15 +228,20 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
         upsampler = await FakeUpsampler().start()
         upsampler.script(latency=0.0)
         env |= {"UPSAMPLER_API_KEY": DEFAULT_API_KEY, "UPSAMPLER_BASE_URL": upsampler.base_url}
-    system = await SystemProcess("all", env, args.log).start()
+    workers = [f"--workers={stage}={n}" for stage, n in args.worker_counts.items()]
+    system = await SystemProcess("all", env, args.log, workers).start()
     say(f"  `smi run all` started (pid {system.proc.pid}, namespace {namespace}, log {args.log})")
     stages, most_members = results["stages"], {}
+    expected = {stage: args.worker_counts.get(stage, 1) for stage in FAUST_STAGES}
     members = asyncio.create_task(watch_group_members(settings, most_members))
     try:
         async with EventProducer.from_settings(settings, client_id="smi-bench") as producer:
             flow = Flow(run_id, images.image_url, gateway, secret, producer, watch, sink,
                         pay_concurrency=args.pay_concurrency)
             await warm_up(flow, system)
+            # Every worker in its group before anything is timed: a late one would
+            # rebalance the stage in the middle of a phase.
+            await until_groups(settings, expected, system)
 
             sent = await flow.publish_paced(flow.requests(args.paced_jobs, "paced"), per_second=1000)
             stages["paced_request_to_awaiting_payment"] = figures = await flow.until_awaiting_payment(
@@ -270,7 +286,7 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
             results["redis"]["live_job_keys_bytes"] = await table.live_job_bytes(redis, job_table, list(emails)[:200])
     finally:
         members.cancel()
-        foreign_members_note(most_members, results)
+        foreign_members_note(most_members, expected, results)
         await system.stop()
         await watch.stop()
         sink.stop()
@@ -292,8 +308,9 @@ async def phase_watch(processes: dict[str, int], into: dict, profile: bool, phas
         yield
     finally:
         cores = window.stop()
-        into[phase] = entry = {"cores": cores, "seconds": round(window.seconds, 2),
-                               "bottleneck": bottleneck(phase, cores)}
+        into[phase] = entry = {"cores": cores, "machine_cores": window.machine,
+                               "seconds": round(window.seconds, 2),
+                               "bottleneck": bottleneck(phase, cores, window.machine)}
         if profiler is not None:
             summary = await profiler.stop()
             if summary:
@@ -315,9 +332,23 @@ async def warm_up(flow: Flow, system: SystemProcess, timeout: float = 300) -> No
     say("  warm-up job went through: request, payment, upscale, email")
 
 
+async def until_groups(settings: Settings, expected: dict[str, int], system: SystemProcess,
+                       timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        members = await stage_group_members(settings.kafka_bootstrap_servers, settings.kafka_names)
+        if all(members.get(stage, 0) >= n for stage, n in expected.items()):
+            return
+        if time.monotonic() > deadline or not system.alive:
+            raise RuntimeError(f"the stages' workers did not all join their groups: {members}, "
+                               f"expected {expected}; see {system.log_path}")
+        await asyncio.sleep(0.5)
+
+
 async def watch_group_members(settings: Settings, most: dict[str, int], every: float = 5.0) -> None:
-    """Keeps the most members seen per stage group. Our system runs one per group:
-    more means someone else's stages joined during the run and shared our partitions."""
+    """Keeps the most members seen per stage group. Our system runs the workers it
+    was asked for: more means someone else's stages joined during the run and
+    shared our partitions."""
     while True:
         try:
             for group, members in (await stage_group_members(settings.kafka_bootstrap_servers,
@@ -328,8 +359,8 @@ async def watch_group_members(settings: Settings, most: dict[str, int], every: f
         await asyncio.sleep(every)
 
 
-def foreign_members_note(most: dict[str, int], results: dict) -> None:
-    crowded = {g: n for g, n in most.items() if n > 1}
+def foreign_members_note(most: dict[str, int], expected: dict[str, int], results: dict) -> None:
+    crowded = {g: n for g, n in most.items() if n > expected.get(g, 1)}
     if crowded:
         results["notes"].append(f"other consumers joined the stage groups during the run (most members seen: "
                                 f"{crowded}): the pipeline figures are unreliable")

@@ -41,7 +41,9 @@ class StageGroupsBusy(RuntimeError):
 
 
 async def stage_group_members(bootstrap: str, names: KafkaNames = DEFAULT) -> dict[str, int]:
-    return {g.group: g.members for g in await sample(bootstrap, list(STAGE_SOURCE_TOPICS), names=names)}
+    """stage → the members of its consumer group (in ``names``' KAFKA_NAMESPACE)."""
+    groups = await sample(bootstrap, list(STAGE_SOURCE_TOPICS), names=names)
+    return {names.local(g.group): g.members for g in groups}
 
 
 async def require_idle_stage_groups(bootstrap: str, names: KafkaNames = DEFAULT) -> None:
@@ -49,7 +51,7 @@ async def require_idle_stage_groups(bootstrap: str, names: KafkaNames = DEFAULT)
     system on the same broker and namespace (a CI run's e2e stages, someone's `smi
     run all`) would share partitions with ours, handle our messages with its own job
     table, and be disturbed by ours."""
-    busy = {group: n for group, n in (await stage_group_members(bootstrap, names)).items() if n}
+    busy = {names.group(stage): n for stage, n in (await stage_group_members(bootstrap, names)).items() if n}
     if busy:
         raise StageGroupsBusy(
             "consumer groups in use on " + bootstrap + ": " + ", ".join(f"{g} ({n} members)" for g, n in busy.items())
@@ -61,15 +63,16 @@ class SystemProcess:
     """`python -m smi.cli run <stage|all>` in its own process group, stopped with
     SIGTERM (the supervisor then stops every stage gracefully)."""
 
-    def __init__(self, stage: str, env: dict[str, str], log_path: Path):
-        self.stage, self.env, self.log_path = stage, env, log_path
+    def __init__(self, stage: str, env: dict[str, str], log_path: Path, options: Sequence[str] = ()):
+        self.stage, self.env, self.log_path, self.options = stage, env, log_path, list(options)
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> SystemProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "smi.cli", "run", self.stage, cwd=REPO, env={**os.environ, **self.env},
+                sys.executable, "-m", "smi.cli", "run", self.stage, *self.options, cwd=REPO,
+                env={**os.environ, **self.env},
                 stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         return self
 

@@ -68,18 +68,26 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from smi.stages import STAGES, run_stage
-    from smi.supervisor import Supervisor
+    from smi.stages import FAUST_STAGES, STAGES, run_stage
+    from smi.supervisor import Supervisor, parse_workers
 
     if args.stage != "all":
-        if args.demo:
-            print("--demo goes with `smi run all`", file=sys.stderr)
-            return 2
+        for flag, given in (("--demo", args.demo), ("--workers", args.workers)):
+            if given:
+                print(f"smi run: error: {flag} goes with `smi run all`", file=sys.stderr)
+                return 2
         run_stage(args.stage, Settings())
         return 0
-    print(f"starting {', '.join(STAGES)}; Ctrl-C stops them all", flush=True)
+    try:
+        workers = parse_workers(args.workers, FAUST_STAGES)
+    except ValueError as exc:
+        print(f"smi run: error: {exc}", file=sys.stderr)
+        return 2
+    more = "".join(f", {n} of {stage}" for stage, n in workers.items() if n > 1)
+    print(f"starting {', '.join(STAGES)}{more}; Ctrl-C stops them all", flush=True)
     companion = functools.partial(_demo, Settings(), once=args.once, timeout=args.timeout) if args.demo else None
-    return asyncio.run(Supervisor(list(STAGES), companion=companion, stop_after_companion=args.once).run())
+    return asyncio.run(Supervisor(list(STAGES), companion=companion, stop_after_companion=args.once,
+                                  workers=workers).run())
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -351,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                               help="run one stage, or all of them under a supervisor")
     run.add_argument("stage", choices=[*STAGES, "all"])
     run.add_argument("--demo", action="store_true", help="with `all`: run `smi demo` once the stages are up")
+    run.add_argument("--workers", action="append", default=[], metavar="STAGE=N",
+                     help="with `all`: N processes of a Faust stage in its consumer group, e.g. checkout=2 "
+                          "(repeat, or separate with commas)")
     run.set_defaults(handler=cmd_run)
 
     demo = commands.add_parser("demo", parents=[demo_options],

@@ -1,6 +1,12 @@
 """`smi run all`: every stage as its own process under one small supervisor. Output
 is one stream with a stage prefix per line; a stage that dies is restarted with
-backoff; Ctrl-C (or SIGTERM) stops them all gracefully."""
+backoff; Ctrl-C (or SIGTERM) stops them all gracefully.
+
+A Faust stage may run as several worker processes (``--workers checkout=2``): they
+join the stage's consumer group and split its partitions, so a stage that holds
+one core can use more where the machine has them. The second and later workers
+of a stage take a free metrics port (each logs it), as the first keeps the
+stage's fixed one."""
 
 from __future__ import annotations
 
@@ -9,31 +15,60 @@ import os
 import signal
 import sys
 import time
-from typing import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping
 
 RESTART_BACKOFF = (1, 2, 4, 8, 16, 30)  # seconds; reset once a stage has run a minute
 STABLE_AFTER_SECONDS = 60
 STOP_TIMEOUT_SECONDS = 20
 
 
+MAX_WORKERS = 32  # per stage: past the partitions (TOPIC_PARTITIONS, 6) a worker only idles
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One process of a stage: ``number`` 1 is the stage's first (its name alone in
+    the output), 2 and up are more workers of the same consumer group."""
+
+    stage: str
+    number: int = 1
+
+    @property
+    def label(self) -> str:
+        return self.stage if self.number == 1 else f"{self.stage}.{self.number}"
+
+
+def workers_of(stages: list[str], counts: Mapping[str, int] | None = None) -> list[Worker]:
+    """Every stage's workers, one unless ``counts`` says more."""
+    counts = counts or {}
+    unknown = set(counts) - set(stages)
+    if unknown:
+        raise ValueError(f"no stage {', '.join(sorted(unknown))} to run more workers of")
+    return [Worker(stage, n) for stage in stages for n in range(1, counts.get(stage, 1) + 1)]
+
+
 class Supervisor:
     def __init__(self, stages: list[str], env: dict[str, str] | None = None,
-                 companion: Callable[[], Awaitable[int]] | None = None, stop_after_companion: bool = False):
+                 companion: Callable[[], Awaitable[int]] | None = None, stop_after_companion: bool = False,
+                 workers: Mapping[str, int] | None = None):
         """``companion`` runs beside the stages once they are started (the demo);
-        with ``stop_after_companion`` its exit code ends the whole run."""
+        with ``stop_after_companion`` its exit code ends the whole run. ``workers``:
+        processes per stage where more than one."""
         self.stages = stages
+        self.workers = workers_of(stages, workers)
         self.companion = companion
         self.stop_after_companion = stop_after_companion
         self.exit_code = 0
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.procs: dict[str, asyncio.subprocess.Process] = {}  # by worker label
         self.stopping = asyncio.Event()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
-        tasks = [self._keep_running(stage) for stage in self.stages]
+        tasks = [self._keep_running(worker) for worker in self.workers]
         if self.companion is not None:
             tasks.append(self._run_companion())
         await asyncio.gather(*tasks)
@@ -48,12 +83,15 @@ class Supervisor:
         if self.stop_after_companion:
             self.stopping.set()
 
-    async def _keep_running(self, stage: str) -> None:
+    async def _keep_running(self, worker: Worker) -> None:
+        stage = worker.label
+        # Two exporters cannot share the stage's fixed port: the first worker keeps it.
+        env = self.env if worker.number == 1 else {**self.env, "METRICS_PORT": "0"}
         failures = 0
         while not self.stopping.is_set():
             started = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", f"services.{stage}", env=self.env,
+                sys.executable, "-m", f"services.{worker.stage}", env=env,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
             self.procs[stage] = proc
             self._say(stage, f"started (pid {proc.pid})")
@@ -91,3 +129,27 @@ class Supervisor:
     @staticmethod
     def _say(stage: str, text: str) -> None:
         print(f"{stage:>9} | {text}", flush=True)
+
+
+def parse_workers(specs: list[str], faust_stages: tuple[str, ...]) -> dict[str, int]:
+    """``["checkout=2", "notifier=2,processor=3"]`` → ``{"checkout": 2, ...}``; a
+    ValueError that says what is wrong otherwise. Only Faust stages: the gateway's
+    rate limits (download-token guessing) are counted in its process, so a second
+    gateway would double what a client may try."""
+    counts: dict[str, int] = {}
+    for spec in specs:
+        for part in spec.split(","):
+            stage, sep, number = part.strip().partition("=")
+            if not sep or not stage:
+                raise ValueError(f"--workers takes STAGE=N, e.g. checkout=2; got {part.strip()!r}")
+            if stage not in faust_stages:
+                why = (" (the gateway runs as one process: its rate limits are per process)"
+                       if stage == "gateway" else "")
+                raise ValueError(f"--workers: {stage!r} is not one of {', '.join(faust_stages)}{why}")
+            if not number.isdigit() or not 1 <= int(number) <= MAX_WORKERS:
+                raise ValueError(f"--workers {stage}: N must be a whole number from 1 to {MAX_WORKERS}, "
+                                 f"not {number!r}")
+            if stage in counts:
+                raise ValueError(f"--workers names {stage} twice")
+            counts[stage] = int(number)
+    return counts

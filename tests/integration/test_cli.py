@@ -322,6 +322,13 @@ async def test_lag_json_lists_every_stage_group():
     (["jobs", "resend", str(uuid.uuid4()), "--force"], "--force"),
     (["revenue", "--watch"], "--watch"),
     (["revenue", "--recount", "--rebuild"], "not allowed"),
+    (["run", "all", "--workers", "checkout"], "STAGE=N"),
+    (["run", "all", "--workers", "checkout=0"], "from 1 to 32"),
+    (["run", "all", "--workers", "checkout=2,notifier=many"], "notifier"),
+    (["run", "all", "--workers", "checkout=2", "--workers", "checkout=3"], "twice"),
+    (["run", "all", "--workers", "gateway=2"], "rate limits are per process"),
+    (["run", "all", "--workers", "upscaler=2"], "'upscaler' is not one of"),
+    (["run", "checkout", "--workers", "checkout=2"], "goes with `smi run all`"),
 ])
 async def test_bad_usage_exits_2_with_a_message(args, mentions):
     run = await smi(*args)

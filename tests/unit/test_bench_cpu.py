@@ -10,7 +10,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from bench.cpu import CpuWindow, bottleneck, children, cpu_per_item, cpu_seconds, summarize
+from bench.cpu import CpuWindow, bottleneck, children, cpu_per_item, cpu_seconds, summarize, system_processes
 from bench.report import render
 
 RAW = """\
@@ -40,6 +40,12 @@ def test_the_bottleneck_is_a_saturated_process_else_the_phase_waits():
     cores = os.cpu_count() or 1
     busy = {f"p{i}": 0.8 for i in range(cores + 1)}
     assert bottleneck("request_to_awaiting_payment", busy).startswith("the machine is CPU-bound")
+    # The machine's own figure counts what the system's processes leave out (the
+    # bench itself, its profiler): under it the phase waits, over it the machine is full.
+    system = {"processor": 0.5, "notifier": 0.3}
+    assert "waits" in bottleneck("pending_to_completed", system, machine=0.9)
+    full = bottleneck("pending_to_completed", system, machine=0.95 * cores)
+    assert full.startswith("the machine is CPU-bound") and "the system's processes 0.80" in full
 
 
 BURN = """
@@ -97,6 +103,37 @@ async def test_a_window_reports_cores_used_per_process():
     assert burnt > 0.1  # the busy one burnt (up to 0.6 s, less what its startup took)
     assert cores["busy"] * window.seconds == pytest.approx(burnt, abs=0.05)
     assert cores["idle"] * window.seconds < 0.05
+    # The whole machine was at least as busy as the one process that burnt.
+    assert window.machine * window.seconds >= burnt - 0.05
+
+
+SUPERVISOR = """
+import subprocess, sys, time
+code = "import time; time.sleep(60)"
+kids = [subprocess.Popen([sys.executable, "-c", code, f"services.{stage}"]) for stage in sys.argv[1:]]
+print("up", flush=True)
+sys.stdin.readline()
+for kid in kids:
+    kid.kill()
+    kid.wait()
+"""
+
+
+def test_a_stages_second_and_third_workers_are_named_by_their_number():
+    stages = ["checkout", "notifier", "checkout", "checkout"]
+    parent = subprocess.Popen([sys.executable, "-c", SUPERVISOR, *stages], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "up"
+        found = system_processes(parent.pid)
+        kids = sorted(children(parent.pid))
+    finally:
+        parent.communicate("stop\n", timeout=30)  # it kills its children, then ends
+    named = {name: pid for name, pid in found.items() if name not in ("kafka", "redis")}
+    assert sorted(named) == ["checkout", "checkout.2", "checkout.3", "notifier"]
+    assert sorted(named.values()) == kids
+    # Numbered in start order (pids rise with it here): the first checkout is "checkout".
+    assert named["checkout"] < named["checkout.2"] < named["checkout.3"]
 
 
 def test_the_report_shows_each_phase_bottleneck_and_profile():

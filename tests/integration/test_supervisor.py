@@ -1,0 +1,138 @@
+"""`smi run all --workers`: the supervisor runs several processes of one Faust
+stage, real ones, on the real broker (in a Kafka namespace of the test's own):
+they all join the stage's consumer group, only the first takes the stage's
+metrics port, a killed worker is started again under its own name, and a stop
+stops them all."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import signal
+import socket
+import time
+import uuid
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from smi.settings import Settings
+from smi.stack.topics import delete_namespace, ensure_topics
+from smi.supervisor import Supervisor
+
+KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+async def members(group: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+    await admin.start()
+    try:
+        [response] = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    return next((len(m) for code, gid, _s, _pt, _p, m, *_ in response.groups if gid == group and code == 0), 0)
+
+
+async def until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.5)
+
+
+def free_port() -> int:
+    """Below the kernel's ephemeral range (32768 and up here): a port from that range
+    can be taken by an outgoing connection (a stage's to Kafka) before the stage binds."""
+    while True:
+        port = random.randrange(23000, 27000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+
+
+@pytest.fixture
+async def namespace():
+    name = f"sup{uuid.uuid4().hex[:8]}."
+    settings = Settings(kafka_bootstrap_servers=KAFKA, kafka_namespace=name)
+    await ensure_topics(settings)
+    yield name
+    await delete_namespace(settings)
+
+
+async def test_two_workers_of_a_stage_share_its_group_and_restart_on_their_own(namespace, capsys):
+    metrics_port = free_port()
+    env = {"KAFKA_BOOTSTRAP_SERVERS": KAFKA, "KAFKA_NAMESPACE": namespace, "REDIS_URL": REDIS_URL,
+           "REDIS_NAMESPACE": namespace.rstrip(".") + ":", "PAYMENTS": "local", "METRICS_PORT": str(metrics_port)}
+    # One stage: METRICS_PORT is every stage's port, so another stage would contend for it.
+    supervisor = Supervisor(["checkout"], env=env, workers={"checkout": 2})
+    running = asyncio.create_task(supervisor.run())
+    try:
+        await until(lambda: has_members(namespace + "checkout", 2), 120, "two checkout workers in the group")
+        assert set(supervisor.procs) == {"checkout", "checkout.2"}
+        first, second = supervisor.procs["checkout"], supervisor.procs["checkout.2"]
+        assert first.pid != second.pid
+
+        output = Output(capsys)
+        await until(lambda: output.says("checkout.2 | ", "[^Worker]: Ready"), 120, "checkout.2 ready")
+
+        # Only the first worker binds the configured port; the second asks for a free
+        # one (no "in use" fallback), so neither serves the other's figures.
+        out = output.text
+        assert "is in use" not in out, out
+        ports = dict(re.findall(r"^\s*(checkout(?:\.2)?) \| .*metrics on http://[\d.]+:(\d+)/metrics", out, re.M))
+        assert ports["checkout"] == str(metrics_port)
+        assert ports["checkout.2"] != str(metrics_port)
+
+        # A killed worker comes back under its own name; the other keeps running.
+        output.mark()
+        second.send_signal(signal.SIGKILL)
+        restarted = await until(lambda: _new_process(supervisor, "checkout.2", second.pid), 60, "checkout.2 again")
+        assert supervisor.procs["checkout"] is first and first.returncode is None
+        await until(lambda: output.says("checkout.2 | ", "[^Worker]: Ready"), 120, "checkout.2 ready again")
+        # (The dead worker counts as a member until its session times out, so the
+        # count alone could not say that the new one joined.)
+        await until(lambda: has_members(namespace + "checkout", 2), 120, "the group whole again")
+    finally:
+        supervisor.stopping.set()
+        await asyncio.wait_for(running, 60)
+    # Every worker was stopped (SIGTERM), none left behind.
+    assert all(proc.returncode is not None for proc in supervisor.procs.values())
+    assert restarted.returncode == 0 and first.returncode == 0
+
+
+class Output:
+    """What the supervisor printed (its workers' lines, each after its label)."""
+
+    def __init__(self, capsys):
+        self.capsys = capsys
+        self.text = ""
+        self._since = 0
+
+    def mark(self) -> None:
+        """Later ``says`` look only at what is printed from now on."""
+        self.text += self.capsys.readouterr().out
+        self._since = len(self.text)
+
+    async def says(self, prefix: str, text: str) -> bool:
+        self.text += self.capsys.readouterr().out
+        return any(line.lstrip().startswith(prefix.lstrip()) and text in line
+                   for line in self.text[self._since:].splitlines())
+
+
+async def has_members(group: str, expected: int) -> bool:
+    return await members(group) == expected
+
+
+async def _new_process(supervisor: Supervisor, label: str, old_pid: int):
+    proc = supervisor.procs.get(label)
+    return proc if proc is not None and proc.pid != old_pid and proc.returncode is None else None

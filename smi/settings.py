@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     topic_replication: int = Field(1, ge=1)
     max_message_bytes: int = Field(1024 * 1024, ge=1024)
     log_format: Literal["text", "json"] = "text"
+    # The stages' asyncio event loop: uvloop (libuv) costs less CPU per message than
+    # the standard library's; "asyncio" is there to compare, or where uvloop is absent.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @field_validator("url_allow_hosts", "allowed_resolutions", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 
 from smi.heap import freeze_startup_heap, record_gc_pauses
 from smi.jobtable import open_table
@@ -16,11 +17,14 @@ from smi.settings import Settings
 FAUST_STAGES = ("checkout", "processor", "notifier", "janitor")  # grows as the other stages land
 STAGES = FAUST_STAGES + ("gateway",)
 
+log = logging.getLogger(__name__)
+
 
 def run_stage(stage: str, settings: Settings, *, loglevel: str = "info") -> None:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     setup_logging(stage, loglevel, settings.log_format)
+    use_event_loop(settings.event_loop)
     if stage == "gateway":
         from services.gateway.app import serve
 
@@ -49,6 +53,17 @@ def run_stage(stage: str, settings: Settings, *, loglevel: str = "info") -> None
     # The Worker sets logging up again when it starts: hand it the same configuration.
     stage_worker(Worker)(app, loglevel=loglevel,
                          logging_config=logging_config(stage, loglevel, settings.log_format)).execute_from_commandline()
+
+
+def use_event_loop(kind: str) -> None:
+    """Every event loop this process makes from now on is of ``kind``: the stage's,
+    and the one Faust's consumer runs in its own thread. Faust's own switch
+    (mode.loop.use) sets the same policy."""
+    import mode.loop
+
+    mode.loop.use("uvloop" if kind == "uvloop" else "aio")
+    # What the policy makes, not what was asked for.
+    log.info("event loop: %s", type(asyncio.get_event_loop_policy()).__module__.split(".")[0])
 
 
 def stage_worker(worker_class: type) -> type:

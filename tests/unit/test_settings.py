@@ -49,6 +49,7 @@ def test_other_defaults():
     assert s.url_allow_hosts == []  # empty by default
     assert s.allowed_resolutions == ["2x", "4x", "8x"]
     assert s.metrics_port is None
+    assert s.event_loop == "uvloop"
 
 
 def test_every_design_variable_is_a_setting():
@@ -149,7 +150,8 @@ def test_markup_range(monkeypatch, value, ok):
 
 @pytest.mark.parametrize("name,value", [("PAYMENTS", "paypal"), ("UPSCALER", "magic"), ("GATEWAY_PORT", "70000"),
                                         ("PAYMENT_TIMEOUT_MINUTES", "0"), ("JANITOR_INTERVAL_SECONDS", "0"),
-                                        ("CREDIT_PRICE_CENTS", "-1"), ("METRICS_PORT", "-1")])
+                                        ("CREDIT_PRICE_CENTS", "-1"), ("METRICS_PORT", "-1"),
+                                        ("EVENT_LOOP", "trio")])
 def test_other_invalid_values(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):

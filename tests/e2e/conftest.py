@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import uuid
 
 import aiohttp
@@ -37,6 +36,7 @@ from smi.kafka.producer import EventProducer
 from smi.settings import Settings
 from smi.stack.topics import delete_namespace, ensure_topics
 from tests.support.kafka_watch import TopicWatcher, eventually
+from tests.support.ports import free_port
 from tests.support.processes import StageProcess
 from tests.support.redis_cluster import LocalRedisCluster
 from tests.support.stripe_proxy import RecordingStripeProxy
@@ -52,12 +52,6 @@ SESSION = uuid.uuid4().hex[:10]  # names the session's Redis and Kafka namespace
 # Immutable and e2e's own: integration tests in the same pytest process keep the
 # plain names (kafka_watch's default).
 KAFKA_NAMES = KafkaNames(f"e2e{SESSION}.")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

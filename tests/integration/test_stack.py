@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from smi.settings import Settings
 from smi.stack.manager import COMPONENT_NAMES
 from smi.stack.process import is_alive
 from smi.stack.topics import ensure_topics
+from tests.support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,12 +38,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def smi(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "smi.cli", *args], cwd=REPO_ROOT, env={**os.environ, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
-import socket
 import time
 import uuid
 
 import pytest
 
 from smi.kafka.startup import wait_for_kafka
+from tests.support.ports import free_port
 from tests.support.processes import StageProcess
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092").split(",")[0]
@@ -38,19 +37,6 @@ async def test_a_closed_port_is_no_broker():
 
     assert await broker_answers(f"127.0.0.1:{free_port()}", timeout_ms=1000) is False
     assert await broker_answers(KAFKA) is True
-
-
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range (32768 and up here): one from
-    that range could be taken by an outgoing connection before the forwarder binds."""
-    while True:
-        port = random.randrange(23000, 27000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
 
 
 async def forward(port: int, target: str) -> asyncio.base_events.Server:

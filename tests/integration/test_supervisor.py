@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import re
 import signal
-import socket
 import time
 import uuid
 
@@ -21,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from smi.settings import Settings
 from smi.stack.topics import delete_namespace, ensure_topics
 from smi.supervisor import Supervisor
+from tests.support.ports import free_port
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -45,19 +44,6 @@ async def until(check, timeout: float, what: str):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.5)
-
-
-def free_port() -> int:
-    """Below the kernel's ephemeral range (32768 and up here): a port from that range
-    can be taken by an outgoing connection (a stage's to Kafka) before the stage binds."""
-    while True:
-        port = random.randrange(23000, 27000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
 
 
 @pytest.fixture

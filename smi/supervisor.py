@@ -21,8 +21,6 @@ from typing import Awaitable, Callable, Mapping
 RESTART_BACKOFF = (1, 2, 4, 8, 16, 30)  # seconds; reset once a stage has run a minute
 STABLE_AFTER_SECONDS = 60
 STOP_TIMEOUT_SECONDS = 20
-
-
 MAX_WORKERS = 32  # per stage: past the partitions (TOPIC_PARTITIONS, 6) a worker only idles
 
 
@@ -68,10 +66,15 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
-        tasks = [self._keep_running(worker) for worker in self.workers]
-        if self.companion is not None:
-            tasks.append(self._run_companion())
-        await asyncio.gather(*tasks)
+        try:
+            tasks = [self._keep_running(worker) for worker in self.workers]
+            if self.companion is not None:
+                tasks.append(self._run_companion())
+            await asyncio.gather(*tasks)
+        finally:
+            # The loop may go on (a test's): Ctrl-C is its own again.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
         return self.exit_code
 
     async def _run_companion(self) -> None:

@@ -94,6 +94,8 @@ async def test_two_workers_of_a_stage_share_its_group_and_restart_on_their_own(n
     # Every worker was stopped (SIGTERM), none left behind.
     assert all(proc.returncode is not None for proc in supervisor.procs.values())
     assert restarted.returncode == 0 and first.returncode == 0
+    # And the loop's signals are the test run's again (Ctrl-C interrupts it).
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 class Output:

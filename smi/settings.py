@@ -18,6 +18,7 @@ from schemas.urls import HostAllowList
 from smi.kafka.names import KafkaNames, check_namespace
 
 STAGE_METRICS_PORTS = {"checkout": 9101, "processor": 9102, "notifier": 9103, "janitor": 9104}
+METRICS_WORKER_PORT_STEP = 100  # checkout's second worker on 9201, its third on 9301
 
 
 class Settings(BaseSettings):
@@ -76,6 +77,9 @@ class Settings(BaseSettings):
     credit_price_cents: int = Field(4, ge=0)
 
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    # Which of a stage's processes this is (`smi run all --workers` sets it): worker N
+    # serves its metrics METRICS_WORKER_PORT_STEP * (N - 1) above the stage's port.
+    worker_number: int = Field(1, ge=1, le=1000)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 inside a container
     # How long the group waits for a silent (e.g. SIGKILLed) worker before handing its
     # partitions to the others; heartbeats go every third of it.
@@ -140,7 +144,13 @@ class Settings(BaseSettings):
         return RequestPolicy(tuple(self.allowed_resolutions), HostAllowList.parse(self.url_allow_hosts))
 
     def metrics_port_for(self, stage: str) -> int:
-        return self.metrics_port if self.metrics_port is not None else STAGE_METRICS_PORTS.get(stage, 0)
+        """The stage's metrics port (0: a free one), its later workers' stepped up
+        from it, so each worker has a port a scrape configuration can name."""
+        base = self.metrics_port if self.metrics_port is not None else STAGE_METRICS_PORTS.get(stage, 0)
+        if base == 0:
+            return 0
+        port = base + METRICS_WORKER_PORT_STEP * (self.worker_number - 1)
+        return port if port <= 65535 else 0
 
 
 @lru_cache(maxsize=1)

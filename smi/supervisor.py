@@ -4,9 +4,9 @@ backoff; Ctrl-C (or SIGTERM) stops them all gracefully.
 
 A Faust stage may run as several worker processes (``--workers checkout=2``): they
 join the stage's consumer group and split its partitions, so a stage that holds
-one core can use more where the machine has them. The second and later workers
-of a stage take a free metrics port (each logs it), as the first keeps the
-stage's fixed one."""
+one core can use more where the machine has them. Worker N of a stage serves its
+metrics 100 × (N − 1) above the stage's port (checkout's second on 9201), so a
+scrape configuration can name every one."""
 
 from __future__ import annotations
 
@@ -88,8 +88,9 @@ class Supervisor:
 
     async def _keep_running(self, worker: Worker) -> None:
         stage = worker.label
-        # Two exporters cannot share the stage's fixed port: the first worker keeps it.
-        env = self.env if worker.number == 1 else {**self.env, "METRICS_PORT": "0"}
+        # Two exporters cannot share a port: worker N serves its metrics on its own,
+        # stepped up from the stage's (smi.settings.Settings.metrics_port_for).
+        env = {**self.env, "WORKER_NUMBER": str(worker.number)}
         failures = 0
         while not self.stopping.is_set():
             started = time.monotonic()

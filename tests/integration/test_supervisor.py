@@ -1,8 +1,8 @@
 """`smi run all --workers`: the supervisor runs several processes of one Faust
 stage, real ones, on the real broker (in a Kafka namespace of the test's own):
-they all join the stage's consumer group, only the first takes the stage's
-metrics port, a killed worker is started again under its own name, and a stop
-stops them all."""
+they all join the stage's consumer group, each serves its metrics on a port of
+its own (the second 100 above the stage's), a killed worker is started again
+under its own name, and a stop stops them all."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import time
 import uuid
 
@@ -57,6 +58,8 @@ async def namespace():
 
 async def test_two_workers_of_a_stage_share_its_group_and_restart_on_their_own(namespace, capsys):
     metrics_port = free_port()
+    while not port_is_free(metrics_port + 100):
+        metrics_port = free_port()
     env = {"KAFKA_BOOTSTRAP_SERVERS": KAFKA, "KAFKA_NAMESPACE": namespace, "REDIS_URL": REDIS_URL,
            "REDIS_NAMESPACE": namespace.rstrip(".") + ":", "PAYMENTS": "local", "METRICS_PORT": str(metrics_port)}
     # One stage: METRICS_PORT is every stage's port, so another stage would contend for it.
@@ -71,13 +74,12 @@ async def test_two_workers_of_a_stage_share_its_group_and_restart_on_their_own(n
         output = Output(capsys)
         await until(lambda: output.says("checkout.2 | ", "[^Worker]: Ready"), 120, "checkout.2 ready")
 
-        # Only the first worker binds the configured port; the second asks for a free
-        # one (no "in use" fallback), so neither serves the other's figures.
+        # The first worker serves the configured port, the second 100 above it (no
+        # "in use" fallback to a free one): each has a port a scrape can name.
         out = output.text
         assert "is in use" not in out, out
         ports = dict(re.findall(r"^\s*(checkout(?:\.2)?) \| .*metrics on http://[\d.]+:(\d+)/metrics", out, re.M))
-        assert ports["checkout"] == str(metrics_port)
-        assert ports["checkout.2"] != str(metrics_port)
+        assert ports == {"checkout": str(metrics_port), "checkout.2": str(metrics_port + 100)}
 
         # A killed worker comes back under its own name; the other keeps running.
         output.mark()
@@ -115,6 +117,15 @@ class Output:
         self.text += self.capsys.readouterr().out
         return any(line.lstrip().startswith(prefix.lstrip()) and text in line
                    for line in self.text[self._since:].splitlines())
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 async def has_members(group: str, expected: int) -> bool:

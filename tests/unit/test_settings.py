@@ -75,6 +75,20 @@ def test_metrics_port_override_applies_to_every_stage(monkeypatch):
     assert {s.metrics_port_for(stage) for stage in STAGE_METRICS_PORTS} == {0}
 
 
+def test_a_stages_later_workers_serve_metrics_stepped_up_from_its_port(monkeypatch):
+    monkeypatch.setenv("WORKER_NUMBER", "3")
+    assert Settings().metrics_port_for("checkout") == STAGE_METRICS_PORTS["checkout"] + 200
+    monkeypatch.setenv("METRICS_PORT", "9500")
+    assert Settings().metrics_port_for("notifier") == 9700
+    monkeypatch.setenv("METRICS_PORT", "0")
+    assert Settings().metrics_port_for("notifier") == 0  # a free one, for every worker
+    monkeypatch.setenv("METRICS_PORT", "65500")
+    assert Settings().metrics_port_for("notifier") == 0  # past the last port: a free one
+    monkeypatch.setenv("WORKER_NUMBER", "0")
+    with pytest.raises(ValidationError, match="worker_number"):
+        Settings()
+
+
 def test_env_overrides(monkeypatch):
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092",

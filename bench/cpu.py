@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 from smi.stack.layout import Layout
+from smi.supervisor import Worker
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # The stage whose handlers do a phase's work (the gateway also takes the webhooks).
@@ -65,13 +66,14 @@ def system_processes(supervisor_pid: int, layout: Layout | None = None) -> dict[
     workers as "<stage>.2", ...; a process's own children, e.g. the local
     upscaler's pool, count with it), Kafka and Redis."""
     found: dict[str, int] = {}
+    seen: collections.Counter[str] = collections.Counter()
     # By pid: pids rise in the order the supervisor starts its workers (until one restarts).
     for pid in sorted(children(supervisor_pid)):
         line = command_line(pid)
         stage = next((part.split(".", 1)[1] for part in line if part.startswith("services.")), None)
         if stage:
-            number = sum(1 for name in found if name == stage or name.startswith(stage + "."))
-            found[stage if not number else f"{stage}.{number + 1}"] = pid
+            seen[stage] += 1
+            found[Worker(stage, seen[stage]).label] = pid  # the supervisor's own names
     layout = layout or Layout.from_env()
     for component in ("kafka", "redis"):
         try:

@@ -11,40 +11,20 @@ import os
 import re
 import signal
 import socket
-import time
 import uuid
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
+from smi.kafka.names import KafkaNames
+from smi.ops.lag import sample
 from smi.settings import Settings
 from smi.stack.topics import delete_namespace, ensure_topics
 from smi.supervisor import Supervisor
+from tests.support.kafka_watch import eventually
 from tests.support.ports import free_port
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-async def members(group: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
-    await admin.start()
-    try:
-        [response] = await admin.describe_consumer_groups([group])
-    finally:
-        await admin.close()
-    return next((len(m) for code, gid, _s, _pt, _p, m, *_ in response.groups if gid == group and code == 0), 0)
-
-
-async def until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.5)
 
 
 @pytest.fixture
@@ -66,13 +46,13 @@ async def test_two_workers_of_a_stage_share_its_group_and_restart_on_their_own(n
     supervisor = Supervisor(["checkout"], env=env, workers={"checkout": 2})
     running = asyncio.create_task(supervisor.run())
     try:
-        await until(lambda: has_members(namespace + "checkout", 2), 120, "two checkout workers in the group")
+        await eventually(lambda: has_members(namespace, "checkout", 2), timeout=120, interval=0.5)
         assert set(supervisor.procs) == {"checkout", "checkout.2"}
         first, second = supervisor.procs["checkout"], supervisor.procs["checkout.2"]
         assert first.pid != second.pid
 
         output = Output(capsys)
-        await until(lambda: output.says("checkout.2 | ", "[^Worker]: Ready"), 120, "checkout.2 ready")
+        await eventually(lambda: output.says("checkout.2 | ", "[^Worker]: Ready"), timeout=120)
 
         # The first worker serves the configured port, the second 100 above it (no
         # "in use" fallback to a free one): each has a port a scrape can name.
@@ -84,12 +64,12 @@ async def test_two_workers_of_a_stage_share_its_group_and_restart_on_their_own(n
         # A killed worker comes back under its own name; the other keeps running.
         output.mark()
         second.send_signal(signal.SIGKILL)
-        restarted = await until(lambda: _new_process(supervisor, "checkout.2", second.pid), 60, "checkout.2 again")
+        restarted = await eventually(lambda: _new_process(supervisor, "checkout.2", second.pid), timeout=60)
         assert supervisor.procs["checkout"] is first and first.returncode is None
-        await until(lambda: output.says("checkout.2 | ", "[^Worker]: Ready"), 120, "checkout.2 ready again")
+        await eventually(lambda: output.says("checkout.2 | ", "[^Worker]: Ready"), timeout=120)
         # (The dead worker counts as a member until its session times out, so the
         # count alone could not say that the new one joined.)
-        await until(lambda: has_members(namespace + "checkout", 2), 120, "the group whole again")
+        await eventually(lambda: has_members(namespace, "checkout", 2), timeout=120, interval=0.5)
     finally:
         supervisor.stopping.set()
         await asyncio.wait_for(running, 60)
@@ -128,8 +108,10 @@ def port_is_free(port: int) -> bool:
             return False
 
 
-async def has_members(group: str, expected: int) -> bool:
-    return await members(group) == expected
+async def has_members(namespace: str, stage: str, expected: int) -> bool:
+    """Whether the stage's group has ``expected`` members, as `smi lag` reads them."""
+    [group] = await sample(KAFKA, [stage], names=KafkaNames(namespace))
+    return group.members == expected
 
 
 async def _new_process(supervisor: Supervisor, label: str, old_pid: int):

@@ -46,7 +46,7 @@ from smi.kafka.producer import EventProducer
 from smi.settings import Settings
 from smi.stack.kafka_broker import kafka_version
 from smi.stack.topics import ensure_topics
-from smi.stages import FAUST_STAGES
+from smi.stages import FAUST_STAGES, STAGES
 from smi.supervisor import parse_workers
 
 BENCH_NAMESPACE = "bench."
@@ -79,8 +79,8 @@ def build_parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
                         help="also measure a table of 1,000,000 jobs (~5 GB of Redis and its AOF, ~30 min)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"what to measure (default {','.join(PARTS)})")
     parser.add_argument("--workers", action="append", default=[], metavar="STAGE=N",
-                        help="more processes of a Faust stage in the system measured, as `smi run all "
-                             "--workers` (e.g. checkout=2)")
+                        help="more processes of a stage in the system measured, as `smi run all "
+                             "--workers` (e.g. checkout=2 or gateway=2)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the py-spy profile of each phase's stage (CPU per process is still measured)")
     return parser
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
         say(f"[red]bad arguments: {', '.join(unknown) or '--jobs and --pay-concurrency must be ≥ 1'}[/]")
         return 2
     try:
-        args.worker_counts = parse_workers(args.workers, FAUST_STAGES)
+        args.worker_counts = parse_workers(args.workers, STAGES)
     except ValueError as exc:
         say(f"[red]bad arguments: {exc}[/]")
         return 2

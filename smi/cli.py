@@ -68,7 +68,7 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from smi.stages import FAUST_STAGES, STAGES, run_stage
+    from smi.stages import STAGES, run_stage
     from smi.supervisor import Supervisor, parse_workers
 
     if args.stage != "all":
@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_stage(args.stage, Settings())
         return 0
     try:
-        workers = parse_workers(args.workers, FAUST_STAGES)
+        workers = parse_workers(args.workers, STAGES)
     except ValueError as exc:
         print(f"smi run: error: {exc}", file=sys.stderr)
         return 2
@@ -360,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("stage", choices=[*STAGES, "all"])
     run.add_argument("--demo", action="store_true", help="with `all`: run `smi demo` once the stages are up")
     run.add_argument("--workers", action="append", default=[], metavar="STAGE=N",
-                     help="with `all`: N processes of a Faust stage in its consumer group, e.g. checkout=2 "
-                          "(repeat, or separate with commas)")
+                     help="with `all`: N processes of a stage, e.g. checkout=2 (a Faust stage's join its "
+                          "consumer group, the gateway's share its port); repeat, or separate with commas")
     run.set_defaults(handler=cmd_run)
 
     demo = commands.add_parser("demo", parents=[demo_options],

@@ -17,7 +17,9 @@ from schemas.requests import DEFAULT_RESOLUTIONS, RequestPolicy
 from schemas.urls import HostAllowList
 from smi.kafka.names import KafkaNames, check_namespace
 
-STAGE_METRICS_PORTS = {"checkout": 9101, "processor": 9102, "notifier": 9103, "janitor": 9104}
+# The gateway serves /metrics on its own port; 9105 is its workers' own ports, used
+# only while they share the gateway port (GATEWAY_REUSE_PORT).
+STAGE_METRICS_PORTS = {"checkout": 9101, "processor": 9102, "notifier": 9103, "janitor": 9104, "gateway": 9105}
 METRICS_WORKER_PORT_STEP = 100  # checkout's second worker on 9201, its third on 9301
 
 
@@ -61,6 +63,9 @@ class Settings(BaseSettings):
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(8080, ge=0, le=65535)
+    # Several gateway processes listen on the one port (SO_REUSEPORT; the kernel
+    # spreads connections): `smi run all --workers gateway=N` sets it.
+    gateway_reuse_port: bool = False
     public_base_url: str = "http://127.0.0.1:8080"
     storage_dir: Path = Path("var/storage")
     admin_token: str = ""

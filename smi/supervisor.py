@@ -2,11 +2,13 @@
 is one stream with a stage prefix per line; a stage that dies is restarted with
 backoff; Ctrl-C (or SIGTERM) stops them all gracefully.
 
-A Faust stage may run as several worker processes (``--workers checkout=2``): they
-join the stage's consumer group and split its partitions, so a stage that holds
-one core can use more where the machine has them. Worker N of a stage serves its
-metrics 100 × (N − 1) above the stage's port (checkout's second on 9201), so a
-scrape configuration can name every one."""
+A stage may run as several worker processes (``--workers checkout=2``), so a stage
+that holds one core can use more where the machine has them. A Faust stage's
+workers join its consumer group and split its partitions; the gateway's share its
+port (SO_REUSEPORT) and its rate limits (kept in Redis). Worker N of a stage
+serves its metrics 100 × (N − 1) above the stage's port (checkout's second on
+9201; the gateway's workers on 9105, 9205, ...), so a scrape configuration can
+name every one."""
 
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ class Supervisor:
         processes per stage where more than one."""
         self.stages = stages
         self.workers = workers_of(stages, workers)
+        self.shared_port = (workers or {}).get("gateway", 1) > 1
         self.companion = companion
         self.stop_after_companion = stop_after_companion
         self.exit_code = 0
@@ -91,6 +94,8 @@ class Supervisor:
         # Two exporters cannot share a port: worker N serves its metrics on its own,
         # stepped up from the stage's (smi.settings.Settings.metrics_port_for).
         env = {**self.env, "WORKER_NUMBER": str(worker.number)}
+        if worker.stage == "gateway" and self.shared_port:
+            env["GATEWAY_REUSE_PORT"] = "1"
         failures = 0
         while not self.stopping.is_set():
             started = time.monotonic()
@@ -135,21 +140,17 @@ class Supervisor:
         print(f"{stage:>9} | {text}", flush=True)
 
 
-def parse_workers(specs: list[str], faust_stages: tuple[str, ...]) -> dict[str, int]:
+def parse_workers(specs: list[str], stages: tuple[str, ...]) -> dict[str, int]:
     """``["checkout=2", "notifier=2,processor=3"]`` → ``{"checkout": 2, ...}``; a
-    ValueError that says what is wrong otherwise. Only Faust stages: the gateway's
-    rate limits (download-token guessing) are counted in its process, so a second
-    gateway would double what a client may try."""
+    ValueError that says what is wrong otherwise."""
     counts: dict[str, int] = {}
     for spec in specs:
         for part in spec.split(","):
             stage, sep, number = part.strip().partition("=")
             if not sep or not stage:
                 raise ValueError(f"--workers takes STAGE=N, e.g. checkout=2; got {part.strip()!r}")
-            if stage not in faust_stages:
-                why = (" (the gateway runs as one process: its rate limits are per process)"
-                       if stage == "gateway" else "")
-                raise ValueError(f"--workers: {stage!r} is not one of {', '.join(faust_stages)}{why}")
+            if stage not in stages:
+                raise ValueError(f"--workers: {stage!r} is not one of {', '.join(stages)}")
             if not number.isdigit() or not 1 <= int(number) <= MAX_WORKERS:
                 raise ValueError(f"--workers {stage}: N must be a whole number from 1 to {MAX_WORKERS}, "
                                  f"not {number!r}")

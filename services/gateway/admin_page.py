@@ -95,10 +95,10 @@ async def login_form(request: web.Request) -> web.Response:
 
 async def login(request: web.Request) -> web.Response:
     token = enabled_token(request)
-    auth.refuse_if_throttled(request)
+    await auth.refuse_if_throttled(request)
     given = str((await request.post()).get("token", ""))
     if not auth.token_matches(token, given):
-        auth.charge_failure(request)
+        await auth.charge_failure(request)
         return page(html.login_page("Wrong token."), 401)
     response = web.HTTPSeeOther(html.JOBS)
     secure = request.app[CONTEXT].settings.public_base_url.startswith("https://")

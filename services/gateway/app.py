@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 import aiohttp
 from aiohttp import web
@@ -11,7 +12,7 @@ from aiohttp import web
 from services.gateway import bodies, downloads, pay, public, upsampler_webhook, webhooks
 from services.gateway import admin_api, admin_page
 from services.gateway.context import CONTEXT, GatewayContext
-from services.gateway.ratelimit import FailedLookupLimiter
+from services.gateway.ratelimit import FailedAttemptLimiter
 from smi.jobtable import open_table
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
@@ -24,7 +25,8 @@ def create_app(ctx: GatewayContext) -> web.Application:
     # reply is a JSON error like every other refusal.
     app = web.Application(client_max_size=bodies.MAX_BODY_BYTES)
     app[CONTEXT] = ctx
-    app[downloads.FAILED_LOOKUPS] = FailedLookupLimiter()
+    app[downloads.FAILED_LOOKUPS] = FailedAttemptLimiter(ctx.table.redis, "downloads",
+                                                         namespace=ctx.table.keys.namespace)
     app.router.add_post("/webhooks/stripe", webhooks.stripe_webhook)
     app.router.add_post("/webhooks/upsampler/{callback_token}", upsampler_webhook.upsampler_webhook)
     app.router.add_get("/downloads/{token}", downloads.download)  # HEAD too
@@ -55,8 +57,10 @@ async def start_gateway(settings: Settings) -> tuple[web.AppRunner, GatewayConte
     ctx = GatewayContext(settings=settings, table=table, producer=producer)
     runner = web.AppRunner(create_app(ctx), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.gateway_host, settings.gateway_port)
+    site = web.TCPSite(runner, settings.gateway_host, settings.gateway_port, reuse_port=settings.gateway_reuse_port)
     await site.start()
+    if settings.gateway_reuse_port:
+        ctx.background.append(asyncio.create_task(_serve_own_metrics(ctx)))
     host, port = runner.addresses[0][:2]
     ctx.self_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     # The gateway answers (503 for webhooks) even while Kafka is away; the producer
@@ -64,6 +68,26 @@ async def start_gateway(settings: Settings) -> tuple[web.AppRunner, GatewayConte
     ctx.background.append(asyncio.create_task(_keep_starting(producer)))
     log.info("gateway listening on %s", ctx.self_url)
     return runner, ctx
+
+
+async def _serve_own_metrics(ctx: GatewayContext) -> None:
+    """While several processes share the gateway port, a scrape of it reaches
+    whichever one the kernel picks: each also serves its own /metrics on a port
+    of its own (9105 + 100 x (worker - 1), as the stages step theirs)."""
+    metrics_only = web.Application()
+    metrics_only[CONTEXT] = ctx
+    metrics_only.router.add_get("/metrics", public.metrics)
+    runner = web.AppRunner(metrics_only, access_log=None)
+    await runner.setup()
+    port = ctx.settings.metrics_port_for("gateway")
+    try:
+        await web.TCPSite(runner, ctx.settings.metrics_host, port).start()
+        log.info("this worker's metrics on %s:%d", ctx.settings.metrics_host, runner.addresses[0][1])
+        await asyncio.Event().wait()
+    except OSError as exc:  # the gateway serves on; only its own scrape target is missing
+        log.warning("this worker's metrics port %d: %s; scrape the shared port instead", port, exc)
+    finally:
+        await runner.cleanup()
 
 
 async def stop_gateway(runner: web.AppRunner, ctx: GatewayContext) -> None:
@@ -87,8 +111,15 @@ async def _keep_starting(producer: EventProducer) -> None:
 
 
 async def serve(settings: Settings) -> None:
+    """Until SIGTERM or SIGINT; then requests in flight are answered (a webhook's
+    event still reaches Kafka) before the process exits 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     runner, ctx = await start_gateway(settings)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+        log.info("stopping: answering the requests in flight")
     finally:
         await stop_gateway(runner, ctx)

@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from services.gateway.context import CONTEXT
-from services.gateway.ratelimit import FailedLookupLimiter, client_key
+from services.gateway.ratelimit import FailedAttemptLimiter, client_key
 
 DISABLED = "admin disabled: set ADMIN_TOKEN"
 SESSION_COOKIE = "smi_admin_session"
@@ -27,7 +27,7 @@ SESSION_TTL_SECONDS = 12 * 3600
 # Wrong tokens, bearer or login form, per client: the token is chosen by a person,
 # so guessing it must stay slow. (Behind a proxy all clients share one address and
 # one bucket: a guesser can lock the admins out for a minute, never get in.)
-FAILED_ATTEMPTS = web.AppKey("smi_admin_failed_attempts", FailedLookupLimiter)
+FAILED_ATTEMPTS = web.AppKey("smi_admin_failed_attempts", FailedAttemptLimiter)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -35,7 +35,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def setup(app: web.Application) -> None:
     """Give ``app`` its failed-attempt limiter (once; the API and the page share it)."""
     if FAILED_ATTEMPTS not in app:
-        app[FAILED_ATTEMPTS] = FailedLookupLimiter(capacity=20, window_seconds=60.0)
+        ctx = app[CONTEXT]
+        app[FAILED_ATTEMPTS] = FailedAttemptLimiter(ctx.table.redis, "admin", namespace=ctx.table.keys.namespace,
+                                                    capacity=20, window_seconds=60.0)
 
 
 def _sign(key: str, message: str) -> str:
@@ -50,15 +52,15 @@ def token_matches(expected: str, given: str) -> bool:
     return hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
 
 
-def refuse_if_throttled(request: web.Request) -> None:
-    wait = request.app[FAILED_ATTEMPTS].retry_after(client_key(request.remote))
+async def refuse_if_throttled(request: web.Request) -> None:
+    wait = await request.app[FAILED_ATTEMPTS].retry_after(client_key(request.remote))
     if wait:
         raise web.HTTPTooManyRequests(text="too many wrong admin tokens, retry later",
                                       headers={"Retry-After": str(wait)})
 
 
-def charge_failure(request: web.Request) -> None:
-    request.app[FAILED_ATTEMPTS].charge(client_key(request.remote))
+async def charge_failure(request: web.Request) -> None:
+    await request.app[FAILED_ATTEMPTS].charge(client_key(request.remote))
 
 
 def _json_error(error: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:
@@ -75,9 +77,9 @@ def bearer_required(handler: Handler) -> Handler:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise _json_error(web.HTTPUnauthorized, "bearer token required", **{"WWW-Authenticate": "Bearer"})
-        refuse_if_throttled(request)
+        await refuse_if_throttled(request)
         if not token_matches(expected, given.strip()):
-            charge_failure(request)
+            await charge_failure(request)
             raise _json_error(web.HTTPUnauthorized, "wrong token",
                               **{"WWW-Authenticate": 'Bearer error="invalid_token"'})
         return await handler(request)

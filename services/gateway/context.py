@@ -20,6 +20,9 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         self.webhooks = Counter("smi_gateway_webhooks_total", "Webhook requests by source and outcome",
                                 ["source", "outcome"], registry=self.registry)
+        # 404s and 429s climbing together: someone is guessing download links.
+        self.downloads = Counter("smi_gateway_downloads_total", "Download requests by the status answered "
+                                 "(200 also stands for a 206 to a Range request)", ["status"], registry=self.registry)
 
 
 @dataclass

@@ -19,13 +19,13 @@ from schemas.events import utcnow
 from schemas.job import Job
 from schemas.status import JobStatus
 from services.gateway.context import CONTEXT
-from services.gateway.ratelimit import FailedLookupLimiter, client_key
+from services.gateway.ratelimit import FailedAttemptLimiter, client_key
 from services.gateway.bodies import problem
 from smi.jobtable import is_well_formed_token
 
 log = logging.getLogger(__name__)
 
-FAILED_LOOKUPS = web.AppKey("smi_gateway_failed_lookups", FailedLookupLimiter)
+FAILED_LOOKUPS = web.AppKey("smi_gateway_failed_lookups", FailedAttemptLimiter)
 
 # Every download answer, refusals included, sits behind a secret URL: keep it out
 # of caches and out of the Referer of anything the browser loads next.
@@ -96,21 +96,27 @@ def is_expired(job: Job) -> bool:
 
 
 async def download(request: web.Request) -> web.StreamResponse:
+    response = await _answer(request)
+    request.app[CONTEXT].metrics.downloads.labels(str(response.status)).inc()
+    return response
+
+
+async def _answer(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     limiter = request.app[FAILED_LOOKUPS]
     client = client_key(request.remote)
     # Checked before the lookup, hits included: a blocked client that could still
     # tell a hit from a miss would keep its guessing oracle.
-    wait = limiter.retry_after(client)
+    wait = await limiter.retry_after(client)
     if wait:
         return refusal(429, "too many failed download lookups, retry later", **{"Retry-After": str(wait)})
     token = request.match_info["token"]
     if not is_well_formed_token(token):
-        limiter.charge(client)
+        await limiter.charge(client)
         return refusal(400, "malformed download link")
     job = await ctx.table.find_by_token(token)
     if job is None:
-        limiter.charge(client)
+        await limiter.charge(client)
         return refusal(404, "unknown download link")
     if is_expired(job):
         return refusal(410, "this download link has expired")

@@ -1,11 +1,22 @@
-"""A token bucket per client for failed download-token lookups, in process memory.
+"""Failed-attempt limits per client (download-token lookups, admin tokens), kept in
+Redis so that every gateway process counts against the same limit.
 
 Download tokens are 64 random letters and digits, so guessing one is hopeless; the
-limit keeps it that way cheaply and stops a client from hammering Redis with
-guesses. Only failures are charged: a customer downloading (and resuming with Range
-requests) never runs dry. Memory is bounded: a bucket that has refilled is the
-same as no bucket and is dropped, and past ``max_clients`` the least recently
-charged client is forgotten."""
+limit keeps it that way cheaply. Only failures are charged: a customer downloading
+(and resuming with Range requests) never runs dry. With the counts in one process,
+N gateway processes would let a guesser try N times as often: here they share them.
+
+The limit is a token bucket of ``capacity`` failures refilled over ``window_seconds``,
+stored as GCRA does (one number per client: the moment its bucket is full again),
+so a client costs one small key that expires exactly when it is no different from
+a client never seen. Time comes from the caller's wall clock, not Redis's, so the
+script is deterministic (replicas and AOF replay it as it ran) and tests can set it;
+gateway hosts agree on the time to far better than a second.
+
+Each process also remembers the blocks it has seen, until they end: a blocked
+client's requests are refused without a Redis round trip. Such a block can only be
+shorter than Redis's, never longer (a bucket's full-again moment only moves later
+until it passes), so the memory never refuses what Redis would allow."""
 
 from __future__ import annotations
 
@@ -13,8 +24,21 @@ import ipaddress
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable
+
+# KEYS[1]: the client's key. ARGV: now (ms), interval (ms a failure takes to refill),
+# window (ms), 1 to charge a failure or 0 to look. Returns the ms until the client
+# may fail once more; 0 while it may.
+GCRA = """
+local now, interval, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local full_at = tonumber(redis.call('GET', KEYS[1]) or now)
+if full_at < now then full_at = now end
+if ARGV[4] == '1' then
+  full_at = math.min(full_at + interval, now + window)
+  redis.call('SET', KEYS[1], full_at, 'PX', math.max(1, math.ceil(full_at - now)))
+end
+return math.max(0, math.ceil(full_at - now - (window - interval)))
+"""
 
 
 def client_key(remote: str | None) -> str:
@@ -31,59 +55,60 @@ def client_key(remote: str | None) -> str:
     return str(address)
 
 
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    updated: float
+class FailedAttemptLimiter:
+    """``capacity`` failures per ``window_seconds`` per client, refilled continuously,
+    under Redis keys ``rl:<namespace><scope>:<client>``. ``clock`` returns Unix time
+    in seconds (injectable for tests)."""
 
-
-class FailedLookupLimiter:
-    """``capacity`` failures per ``window_seconds`` per client, refilled continuously.
-    ``clock`` returns seconds on a monotonic scale (injectable for tests)."""
-
-    def __init__(self, *, capacity: int = 20, window_seconds: float = 60.0, max_clients: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic):
-        if capacity < 1 or window_seconds <= 0 or max_clients < 1:
-            raise ValueError("capacity, window_seconds and max_clients must be positive")
-        self.capacity = capacity
-        self.rate = capacity / window_seconds  # tokens per second
-        self.max_clients = max_clients
+    def __init__(self, redis, scope: str, *, namespace: str = "", capacity: int = 20,
+                 window_seconds: float = 60.0, max_remembered: int = 10_000,
+                 clock: Callable[[], float] = time.time):
+        if capacity < 1 or window_seconds <= 0 or max_remembered < 1:
+            raise ValueError("capacity, window_seconds and max_remembered must be positive")
+        self.prefix = f"rl:{namespace}{scope}:"
+        self.window_ms = round(window_seconds * 1000)
+        self.interval_ms = self.window_ms / capacity
+        self.max_remembered = max_remembered
         self.clock = clock
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()  # least recently charged first
+        self._script = redis.register_script(GCRA)
+        self._blocked_until: OrderedDict[str, float] = OrderedDict()  # Unix seconds, oldest block first
+
+    async def retry_after(self, client: str) -> int:
+        """Whole seconds until ``client`` may try again; 0 if it may now."""
+        now = self.clock()
+        until = self._blocked_until.get(client)
+        if until is not None:
+            if until > now:
+                return _whole_seconds(until - now)
+            del self._blocked_until[client]
+        return self._remember(client, now, await self._run(client, now, charge=False))
+
+    async def charge(self, client: str) -> int:
+        """Record one failure by ``client``; returns what ``retry_after`` would now."""
+        now = self.clock()
+        return self._remember(client, now, await self._run(client, now, charge=True))
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        """Blocks this process remembers."""
+        return len(self._blocked_until)
 
-    def retry_after(self, client: str) -> int:
-        """Whole seconds until ``client`` may look a token up again; 0 if it may now."""
-        bucket = self._buckets.get(client)
-        if bucket is None:
+    async def _run(self, client: str, now: float, *, charge: bool) -> float:
+        wait_ms = await self._script(keys=[self.prefix + client],
+                                     args=[math.floor(now * 1000), self.interval_ms, self.window_ms, int(charge)])
+        return int(wait_ms) / 1000
+
+    def _remember(self, client: str, now: float, wait: float) -> int:
+        if wait <= 0:
             return 0
-        missing = 1 - self._level(bucket, self.clock())
-        if missing <= 0:
-            return 0
-        # Rounded to the microsecond first: float noise (2.0000000000000004 s) must
-        # not add a whole second.
-        return max(1, math.ceil(round(missing / self.rate, 6)))
+        while self._blocked_until and (len(self._blocked_until) >= self.max_remembered
+                                       or next(iter(self._blocked_until.values())) <= now):
+            self._blocked_until.popitem(last=False)
+        self._blocked_until.pop(client, None)
+        self._blocked_until[client] = now + wait
+        return _whole_seconds(wait)
 
-    def charge(self, client: str) -> None:
-        """Record one failed lookup by ``client``."""
-        now = self.clock()
-        self._drop_refilled(now)
-        bucket = self._buckets.pop(client, None)
-        level = self.capacity if bucket is None else self._level(bucket, now)
-        if len(self._buckets) >= self.max_clients:
-            self._buckets.popitem(last=False)
-        self._buckets[client] = _Bucket(max(level - 1, 0.0), now)
 
-    def _level(self, bucket: _Bucket, now: float) -> float:
-        return min(self.capacity, bucket.tokens + (now - bucket.updated) * self.rate)
-
-    def _drop_refilled(self, now: float) -> None:
-        # Buckets are in charge order, so every bucket idle for a whole window (full
-        # by then, whatever its level was) is at the front: amortised O(1) per charge.
-        while self._buckets:
-            oldest = next(iter(self._buckets.values()))
-            if self._level(oldest, now) < self.capacity:
-                return
-            self._buckets.popitem(last=False)
+def _whole_seconds(wait: float) -> int:
+    # Rounded to the millisecond first: float noise (2.0000000000000004 s) must not
+    # add a whole second; and never 0 while blocked.
+    return max(1, math.ceil(round(wait, 3)))

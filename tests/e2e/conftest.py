@@ -15,7 +15,9 @@ wherever they reach the broker themselves (drained, group_lag, raw aiokafka).
 Scale-out mode (issue 7, `make test-scale`), switched by the environment:
 E2E_WORKERS=N runs every Faust stage (checkout, processor, notifier, janitor) as N
 processes in its consumer group (a stage fixture is then one StageProcess of N
-workers, ready once all N have joined the group); E2E_REDIS_CLUSTER=1 puts the
+workers, ready once all N have joined the group), and the session's gateway as N
+processes on its one port (GATEWAY_REUSE_PORT; they share their rate limits in
+Redis); E2E_REDIS_CLUSTER=1 puts the
 job table, the stages' and the tests' own, on a throwaway 3-node Redis Cluster
 started for the session (REDIS_URL is then not used)."""
 
@@ -244,11 +246,13 @@ async def checkout(stage_env, tmp_path_factory, producer, table, watcher):
     stage.stop()
 
 
-async def start_gateway(http, env: dict[str, str], logdir, *, port: int | None = None,
+async def start_gateway(http, env: dict[str, str], logdir, *, port: int | None = None, workers: int = 1,
                         ready=lambda status: status == 200) -> StageProcess:
-    """A gateway process, once its /healthz answers as ``ready`` wants."""
+    """A gateway of ``workers`` processes on one port, once its /healthz answers as
+    ``ready`` wants."""
     port = port or free_port()
-    stage = StageProcess("gateway", {**env, "GATEWAY_PORT": str(port)}, logdir).start()
+    shared = {"GATEWAY_REUSE_PORT": "1"} if workers > 1 else {}
+    stage = StageProcess("gateway", {**env, "GATEWAY_PORT": str(port), **shared}, logdir, workers=workers).start()
     stage.url = f"http://127.0.0.1:{port}"
 
     async def up():
@@ -267,7 +271,8 @@ async def start_gateway(http, env: dict[str, str], logdir, *, port: int | None =
 
 @pytest.fixture(scope="session")
 async def gateway(stage_env, gateway_port, tmp_path_factory, http, topics_ready):
-    stage = await start_gateway(http, stage_env, tmp_path_factory.mktemp("gateway-logs"), port=gateway_port)
+    stage = await start_gateway(http, stage_env, tmp_path_factory.mktemp("gateway-logs"), port=gateway_port,
+                                workers=WORKERS)
     yield stage
     stage.stop()
 

@@ -1,7 +1,8 @@
 """The gateway under bad requests (issue 7): generated webhook bodies and headers,
 bodies over 1 MiB, slow clients, and download-token guessing, against a gateway
-process of this module's own (its failed-lookup limiter is per process: guessing
-here must not lock the session's gateway out for the tests after this one).
+process of this module's own. The guessing comes from an address of its own: the
+failed-lookup limits are kept in Redis, shared by every gateway of the session,
+and must not lock the later tests' client (127.0.0.1) out.
 
 Requests go out over raw sockets, so a header may hold bytes an HTTP library
 would refuse to send. The contract (design.md): a bad signature or body is a
@@ -35,6 +36,7 @@ MAX_BODY = 1024 * 1024
 SLOW_CLIENTS = 20
 PROMPT_SECONDS = 2.0  # a normal request's answer while the slow clients hang on
 BODY_TIMEOUT_SECONDS = 15.0  # what "times a stalled upload out" is held to
+GUESSER = "127.0.0.240"  # a client of its own, for its own rate-limit bucket
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,10 @@ class Reply:
 
 
 async def raw_request(port: int, method: str, path: str, headers=(), body: bytes = b"", *,
-                      content_length: int | None = None, chunked: bool = False, timeout: float = 15.0) -> Reply:
-    """One HTTP/1.1 request over a fresh connection, bytes as given."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                      content_length: int | None = None, chunked: bool = False, timeout: float = 15.0,
+                      source: str = "127.0.0.1") -> Reply:
+    """One HTTP/1.1 request over a fresh connection from ``source``, bytes as given."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     try:
         lines = [f"{method} {path} HTTP/1.1".encode(), b"Host: 127.0.0.1", b"Connection: close"]
         if chunked:
@@ -349,7 +352,7 @@ async def test_a_stalled_or_dribbled_upload_is_timed_out(fuzz_gateway, slow_clie
 async def test_guessing_download_tokens_is_rate_limited(fuzz_gateway):
     guesses = samples(download_tokens(), 40, seed_value=400)
     started = time.monotonic()
-    replies = [await raw_request(fuzz_gateway.port, "GET", f"/downloads/{quote(guess, safe='')}")
+    replies = [await raw_request(fuzz_gateway.port, "GET", f"/downloads/{quote(guess, safe='')}", source=GUESSER)
                for guess in guesses]
     elapsed = time.monotonic() - started
     statuses = [reply.status for reply in replies]

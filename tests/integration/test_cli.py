@@ -326,8 +326,7 @@ async def test_lag_json_lists_every_stage_group():
     (["run", "all", "--workers", "checkout=0"], "from 1 to 32"),
     (["run", "all", "--workers", "checkout=2,notifier=many"], "notifier"),
     (["run", "all", "--workers", "checkout=2", "--workers", "checkout=3"], "twice"),
-    (["run", "all", "--workers", "gateway=2"], "rate limits are per process"),
-    (["run", "all", "--workers", "upscaler=2"], "'upscaler' is not one of"),
+    (["run", "all", "--workers", "upscaler=2"], "'upscaler' is not one of checkout, processor, notifier, janitor, gateway"),
     (["run", "checkout", "--workers", "checkout=2"], "goes with `smi run all`"),
 ])
 async def test_bad_usage_exits_2_with_a_message(args, mentions):

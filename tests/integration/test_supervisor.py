@@ -1,8 +1,9 @@
-"""`smi run all --workers`: the supervisor runs several processes of one Faust
-stage, real ones, on the real broker (in a Kafka namespace of the test's own):
-they all join the stage's consumer group, each serves its metrics on a port of
-its own (the second 100 above the stage's), a killed worker is started again
-under its own name, and a stop stops them all."""
+"""`smi run all --workers`: the supervisor runs several processes of one stage,
+real ones, on the real broker and Redis (in namespaces of the test's own). A Faust
+stage's workers all join the stage's consumer group, each serves its metrics on a
+port of its own (the second 100 above the stage's), a killed worker is started
+again under its own name, and a stop stops them all. The gateway's workers share
+its port and count a guesser's failures together."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import signal
 import socket
 import uuid
 
+import aiohttp
 import pytest
 
 from smi.kafka.names import KafkaNames
@@ -21,6 +23,7 @@ from smi.settings import Settings
 from smi.stack.topics import delete_namespace, ensure_topics
 from smi.supervisor import Supervisor
 from tests.support.kafka_watch import eventually
+from smi.jobtable.table import new_download_token
 from tests.support.ports import free_port
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
@@ -78,6 +81,49 @@ async def test_two_workers_of_a_stage_share_its_group_and_restart_on_their_own(n
     assert restarted.returncode == 0 and first.returncode == 0
     # And the loop's signals are the test run's again (Ctrl-C interrupts it).
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+async def test_two_gateway_workers_share_the_port_and_a_guessers_limit(namespace, capsys):
+    gateway_port = free_port()
+    metrics_port = free_port()
+    while not port_is_free(metrics_port + 100):
+        metrics_port = free_port()
+    env = {"KAFKA_BOOTSTRAP_SERVERS": KAFKA, "KAFKA_NAMESPACE": namespace, "REDIS_URL": REDIS_URL,
+           "REDIS_NAMESPACE": namespace.rstrip(".") + ":", "GATEWAY_PORT": str(gateway_port),
+           "METRICS_PORT": str(metrics_port)}
+    supervisor = Supervisor(["gateway"], env=env, workers={"gateway": 2})
+    running = asyncio.create_task(supervisor.run())
+    output = Output(capsys)
+    try:
+        for label in ("gateway", "gateway.2"):
+            await eventually(lambda: output.says(f"{label} | ", "this worker's metrics on"), timeout=60)
+        assert "Address already in use" not in output.text, output.text
+        worker_ports = (metrics_port, metrics_port + 100)
+
+        # Each guess on a fresh connection, so the kernel spreads them over the two.
+        connector = aiohttp.TCPConnector(force_close=True, local_addr=("127.0.0.57", 0))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            statuses = []
+            for _ in range(30):
+                async with http.get(f"http://127.0.0.1:{gateway_port}/downloads/{new_download_token()}") as resp:
+                    statuses.append(resp.status)
+            # 20 failures a minute per client, wherever they land: not 20 per process.
+            assert statuses[:20] == [404] * 20 and statuses[20:] == [429] * 10, statuses
+            answered = [await downloads_answered(http, port) for port in worker_ports]
+    finally:
+        supervisor.stopping.set()
+        await asyncio.wait_for(running, 60)
+    assert all(counts.get("404", 0) > 0 for counts in answered), answered  # both took guesses
+    assert sum(counts.get("404", 0) for counts in answered) == 20, answered
+    assert sum(counts.get("429", 0) for counts in answered) == 10, answered
+    assert all(proc.returncode == 0 for proc in supervisor.procs.values())
+
+
+async def downloads_answered(http: aiohttp.ClientSession, metrics_port: int) -> dict[str, float]:
+    """One worker's smi_gateway_downloads_total, by status, from its own metrics port."""
+    async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+        text = await resp.text()
+    return {status: float(n) for status, n in re.findall(r'smi_gateway_downloads_total\{status="(\d+)"\} (\S+)', text)}
 
 
 class Output:

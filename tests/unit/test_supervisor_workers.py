@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from smi.stages import FAUST_STAGES, STAGES
+from smi.stages import STAGES
 from smi.supervisor import MAX_WORKERS, Worker, parse_workers, workers_of
 
 
 def test_workers_are_read_from_repeated_and_comma_separated_specs():
-    assert parse_workers(["checkout=2", "notifier=3, processor=1"], FAUST_STAGES) == {
+    assert parse_workers(["checkout=2", "notifier=3, processor=1"], STAGES) == {
         "checkout": 2, "notifier": 3, "processor": 1}
-    assert parse_workers([], FAUST_STAGES) == {}
-    assert parse_workers([f"janitor={MAX_WORKERS}"], FAUST_STAGES) == {"janitor": MAX_WORKERS}
+    assert parse_workers([], STAGES) == {}
+    assert parse_workers([f"janitor={MAX_WORKERS}"], STAGES) == {"janitor": MAX_WORKERS}
+    assert parse_workers(["gateway=2"], STAGES) == {"gateway": 2}  # they share its port and rate limits
 
 
 @pytest.mark.parametrize("spec, says", [
@@ -22,13 +23,12 @@ def test_workers_are_read_from_repeated_and_comma_separated_specs():
     (f"checkout={MAX_WORKERS + 1}", "from 1"),
     ("checkout=-1", "from 1"),
     ("checkout=two", "'two'"),
-    ("gateway=2", "rate limits are per process"),
     ("mailer=2", "'mailer' is not one of"),
     ("checkout=2,checkout=2", "twice"),
 ])
 def test_a_bad_spec_is_refused_with_what_is_wrong(spec, says):
     with pytest.raises(ValueError, match=None) as refused:
-        parse_workers([spec], FAUST_STAGES)
+        parse_workers([spec], STAGES)
     assert says in str(refused.value)
 
 

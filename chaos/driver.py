@@ -214,7 +214,8 @@ class ChaosRun:
                 "PUBLIC_BASE_URL": self.gateway_url, "STORAGE_DIR": str(self.run_dir / "storage"),
                 "URL_ALLOW_HOSTS": "127.0.0.0/8", "METRICS_PORT": "0",
                 "KAFKA_SESSION_TIMEOUT_SECONDS": str(self.config.session_timeout), "LOG_FORMAT": "text",
-                "ADMIN_TOKEN": "", **self.config.extra_env}
+                "ADMIN_TOKEN": "", "GATEWAY_REUSE_PORT": "1",  # a second gateway (--second-worker) shares the port
+                **self.config.extra_env}
 
     async def _start_stages(self) -> None:
         env = self.stage_env()

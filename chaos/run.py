@@ -29,7 +29,6 @@ from rich.table import Table
 from chaos.driver import ChaosConfig, ChaosRun
 from chaos.stages import STAGES
 
-FAUST_STAGES = tuple(s for s in STAGES if s != "gateway")
 console = Console() if sys.stdout.isatty() else Console(width=160)
 
 
@@ -70,8 +69,9 @@ def build_parser(prog: str = "python -m chaos.run") -> argparse.ArgumentParser:
                              "(default max(40, jobs/15))")
     parser.add_argument("--kill-every", type=_pair, default=(3.0, 6.0), metavar="MIN:MAX",
                         help="seconds between SIGKILLs of a random stage process (3:6; 0:0 for none)")
-    parser.add_argument("--second-worker", default="processor", choices=[*FAUST_STAGES, "none"],
-                        help="the stage that runs a second worker for a while (processor)")
+    parser.add_argument("--second-worker", default="processor", choices=[*STAGES, "none"],
+                        help="the stage that runs a second worker for a while (processor; a second gateway "
+                             "shares the first's port)")
     parser.add_argument("--no-redis-kill", action="store_true", help="do not SIGKILL Redis")
     parser.add_argument("--no-kafka-restart", action="store_true", help="do not restart the broker")
     parser.add_argument("--session-timeout", type=float, default=6.0,

@@ -8,6 +8,7 @@ import signal
 
 import aiohttp
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from services.gateway import bodies, downloads, pay, public, upsampler_webhook, webhooks
 from services.gateway import admin_api, admin_page
@@ -20,10 +21,24 @@ from smi.settings import Settings
 log = logging.getLogger(__name__)
 
 
+@web.middleware
+async def job_table_unavailable_is_503(request: web.Request, handler) -> web.StreamResponse:
+    """Redis away (restarting, failing over): a 503 the client may retry, not a 500.
+    Lookups, job status and the shared rate limits all need it."""
+    try:
+        return await handler(request)
+    except RedisError as exc:
+        log.warning("%s %s: the job table is unavailable (%s)", request.method, request.rel_url.path.split("/")[1],
+                    type(exc).__name__)
+        response = bodies.problem(503, "the job table is unavailable, retry later")
+        response.headers.update({"Retry-After": "5", "Cache-Control": "no-store"})
+        return response
+
+
 def create_app(ctx: GatewayContext) -> web.Application:
     # aiohttp answers 413 itself past client_max_size; the webhook checks too, so its
     # reply is a JSON error like every other refusal.
-    app = web.Application(client_max_size=bodies.MAX_BODY_BYTES)
+    app = web.Application(client_max_size=bodies.MAX_BODY_BYTES, middlewares=[job_table_unavailable_is_503])
     app[CONTEXT] = ctx
     app[downloads.FAILED_LOOKUPS] = FailedAttemptLimiter(ctx.table.redis, "downloads",
                                                          namespace=ctx.table.keys.namespace)

@@ -266,3 +266,27 @@ async def test_an_upsampler_callback_gets_503_while_kafka_is_unreachable(stage_e
         assert await post_callback(http, f"{stage.url}/webhooks/upsampler/{raw}", callback_body()) == 503
     finally:
         stage.stop()
+
+
+async def test_the_gateway_answers_503_while_redis_is_unreachable(stage_env, http, tmp_path_factory):
+    """A job table that does not answer is "retry later" for every route that needs
+    it (the rate limits included), never a 500; and the log names the route, not
+    the token."""
+    no_redis = {**stage_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "REDIS_CLUSTER_NODES": "",
+                "ADMIN_TOKEN": "admin-" + uuid.uuid4().hex}
+    stage = await start_gateway(http, no_redis, tmp_path_factory.mktemp("no-redis-gateway-logs"),
+                                ready=lambda status: status == 503)
+    token = new_download_token()
+    try:
+        for path, headers in [(f"/downloads/{token}", {}), (f"/jobs/{uuid.uuid4()}", {}),
+                              ("/admin/jobs", {"Authorization": f"Bearer {no_redis['ADMIN_TOKEN']}"}),
+                              ("/admin/jobs", {"Authorization": "Bearer wrong"})]:
+            async with http.get(f"{stage.url}{path}", headers=headers) as resp:
+                assert resp.status == 503, (path, resp.status, await resp.text())
+                assert (await resp.json())["error"] == "the job table is unavailable, retry later"
+                assert resp.headers["Retry-After"] == "5"
+    finally:
+        stage.stop()
+    log = stage.log_path.read_text()
+    assert "GET downloads: the job table is unavailable" in log, log
+    assert token not in log

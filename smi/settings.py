@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated
 
 from schemas.money import MARKUP_RANGE
@@ -70,6 +71,9 @@ class Settings(BaseSettings):
     storage_dir: Path = Path("var/storage")
     admin_token: str = ""
     url_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Load balancers and proxies in front of the gateway (CIDRs): a request from one
+    # is counted against the client X-Forwarded-For names, not against the proxy.
+    trusted_proxies: Annotated[list[IPv4Network | IPv6Network], NoDecode] = Field(default_factory=list)
 
     allowed_resolutions: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_RESOLUTIONS))
     download_ttl_hours: int = Field(24, ge=1, le=168)
@@ -109,6 +113,18 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, list):
+            return value
+        try:
+            return [item if isinstance(item, (IPv4Network, IPv6Network)) else ip_network(item) for item in value]
+        except ValueError as exc:  # "10.0.0.1/8 has host bits set", "'proxy' does not appear to be ..."
+            raise ValueError(f"TRUSTED_PROXIES takes addresses and networks (CIDR), comma-separated: {exc}") from None
 
     @field_validator("allowed_resolutions")
     @classmethod

@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from services.gateway.context import CONTEXT
-from services.gateway.ratelimit import FailedAttemptLimiter, client_key
+from services.gateway.ratelimit import FailedAttemptLimiter, client_of
 
 DISABLED = "admin disabled: set ADMIN_TOKEN"
 SESSION_COOKIE = "smi_admin_session"
@@ -53,14 +53,14 @@ def token_matches(expected: str, given: str) -> bool:
 
 
 async def refuse_if_throttled(request: web.Request) -> None:
-    wait = await request.app[FAILED_ATTEMPTS].retry_after(client_key(request.remote))
+    wait = await request.app[FAILED_ATTEMPTS].retry_after(client_of(request))
     if wait:
         raise web.HTTPTooManyRequests(text="too many wrong admin tokens, retry later",
                                       headers={"Retry-After": str(wait)})
 
 
 async def charge_failure(request: web.Request) -> None:
-    await request.app[FAILED_ATTEMPTS].charge(client_key(request.remote))
+    await request.app[FAILED_ATTEMPTS].charge(client_of(request))
 
 
 def _json_error(error: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:

@@ -19,7 +19,7 @@ from schemas.events import utcnow
 from schemas.job import Job
 from schemas.status import JobStatus
 from services.gateway.context import CONTEXT
-from services.gateway.ratelimit import FailedAttemptLimiter, client_key
+from services.gateway.ratelimit import FailedAttemptLimiter, client_of
 from services.gateway.bodies import problem
 from smi.jobtable import is_well_formed_token
 
@@ -104,7 +104,7 @@ async def download(request: web.Request) -> web.StreamResponse:
 async def _answer(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     limiter = request.app[FAILED_LOOKUPS]
-    client = client_key(request.remote)
+    client = client_of(request)
     # Checked before the lookup, hits included: a blocked client that could still
     # tell a hit from a miss would keep its guessing oracle.
     wait = await limiter.retry_after(client)

@@ -24,7 +24,12 @@ import ipaddress
 import math
 import time
 from collections import OrderedDict
-from typing import Callable
+from ipaddress import IPv4Network, IPv6Address, IPv6Network
+from typing import Callable, Sequence
+
+from aiohttp import web
+
+from services.gateway.context import CONTEXT
 
 # KEYS[1]: the client's key. ARGV: now (ms), interval (ms a failure takes to refill),
 # window (ms), 1 to charge a failure or 0 to look. Returns the ms until the client
@@ -39,6 +44,41 @@ if ARGV[4] == '1' then
 end
 return math.max(0, math.ceil(full_at - now - (window - interval)))
 """
+
+
+def client_of(request: web.Request) -> str:
+    """The bucket ``request``'s client draws from."""
+    trusted = request.app[CONTEXT].settings.trusted_proxies
+    return client_key(client_address(request.remote, request.headers.getall("X-Forwarded-For", []), trusted))
+
+
+def client_address(peer: str | None, forwarded_for: list[str], trusted: Sequence[IPv4Network | IPv6Network]) -> str | None:
+    """Who a request comes from: its peer, unless the peer is one of our ``trusted``
+    proxies. Then X-Forwarded-For is read from the right, each entry appended by the
+    proxy that received the connection, and the first address that is not one of
+    ours is the client. Entries further left came from the client itself and could
+    say anything, so they are never read. An entry that is not an address stops the
+    walk at the proxy that wrote it, so a broken chain is charged to the proxy, never
+    to a name the client chose.
+
+    (aiohttp-remotes' XForwardedStrict does this walk too, but answers 400 to any
+    request that does not come through a proxy, such as a health check, and rewrites
+    the request's host and scheme, which the gateway takes from PUBLIC_BASE_URL.)"""
+    if not trusted:
+        return peer
+    hops = [entry.strip() for header in forwarded_for for entry in header.split(",")]
+    address = peer
+    for entry in [peer, *reversed(hops)]:
+        try:
+            parsed = ipaddress.ip_address(entry or "")
+        except ValueError:
+            return address
+        address = entry
+        if isinstance(parsed, IPv6Address) and parsed.ipv4_mapped:
+            parsed = parsed.ipv4_mapped
+        if not any(parsed in network for network in trusted):
+            return address
+    return address  # every hop is ours: the leftmost is as close to the client as it gets
 
 
 def client_key(remote: str | None) -> str:

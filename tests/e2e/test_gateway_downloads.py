@@ -196,6 +196,41 @@ async def test_a_client_with_too_many_failed_lookups_gets_429_with_retry_after(d
         assert await status_of(bystander, f"{base}/{new_download_token()}") == 404
 
 
+async def guess_statuses(session: aiohttp.ClientSession, base: str, count: int, forwarded_for=lambda n: None):
+    statuses = []
+    for n in range(count):
+        header = forwarded_for(n)
+        async with session.get(f"{base}/downloads/{new_download_token()}",
+                               headers={"X-Forwarded-For": header} if header else {}) as resp:
+            statuses.append(resp.status)
+    return statuses
+
+
+async def test_a_forged_x_forwarded_for_does_not_buy_more_guesses(downloads_gateway):
+    """No TRUSTED_PROXIES: the header is the client's own word, and ignored."""
+    async with client_from("127.0.0.61") as guesser:
+        statuses = await guess_statuses(guesser, downloads_gateway.url, 25, lambda n: f"198.51.100.{n + 1}")
+    assert statuses == [404] * 20 + [429] * 5, statuses
+
+
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit(stage_env, http, tmp_path_factory):
+    # Every loopback address plays one of our load balancers.
+    stage = await start_gateway(http, {**stage_env, "TRUSTED_PROXIES": "127.0.0.0/8"},
+                                tmp_path_factory.mktemp("proxied-gateway-logs"))
+    try:
+        async with client_from("127.0.0.62") as proxy, client_from("127.0.0.63") as other_proxy:
+            # What the client claims (left) is never read; what our proxy saw (right) is.
+            statuses = await guess_statuses(proxy, stage.url, 21, lambda n: f"6.6.6.{n}, 198.51.100.7")
+            assert statuses == [404] * 20 + [429], statuses
+            # The same client through another of our proxies: the same limit.
+            assert await guess_statuses(other_proxy, stage.url, 1, lambda n: "198.51.100.7") == [429]
+            # Another client behind the same proxy, and the proxy's own requests: not limited.
+            assert await guess_statuses(proxy, stage.url, 1, lambda n: "198.51.100.8") == [404]
+            assert await guess_statuses(proxy, stage.url, 1) == [404]
+    finally:
+        stage.stop()
+
+
 # -- Upsampler callbacks -----------------------------------------------------------
 
 async def job_with_callback_token(table):

@@ -183,6 +183,20 @@ def test_url_allow_hosts_comma_list(monkeypatch):
     assert not allow.allows_address(ipaddress.ip_address("10.0.0.1"))
 
 
+def test_trusted_proxies_are_networks(monkeypatch):
+    assert Settings().trusted_proxies == []
+    monkeypatch.setenv("TRUSTED_PROXIES", " 10.0.0.0/8, 192.0.2.7 ,2001:db8::/32,,")
+    assert [str(n) for n in Settings().trusted_proxies] == ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]
+
+
+@pytest.mark.parametrize("value, says", [("10.0.0.1/8", "host bits set"), ("lb.internal", "'lb.internal'")])
+def test_trusted_proxies_refuse_what_is_not_a_network(monkeypatch, value, says):
+    monkeypatch.setenv("TRUSTED_PROXIES", value)
+    with pytest.raises(ValidationError, match="TRUSTED_PROXIES takes addresses and networks") as refused:
+        Settings()
+    assert says in str(refused.value)
+
+
 def test_allowed_resolutions_comma_list(monkeypatch):
     monkeypatch.setenv("ALLOWED_RESOLUTIONS", "4x, 8x")
     s = Settings()

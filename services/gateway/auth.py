@@ -25,8 +25,9 @@ DISABLED = "admin disabled: set ADMIN_TOKEN"
 SESSION_COOKIE = "smi_admin_session"
 SESSION_TTL_SECONDS = 12 * 3600
 # Wrong tokens, bearer or login form, per client: the token is chosen by a person,
-# so guessing it must stay slow. (Behind a proxy all clients share one address and
-# one bucket: a guesser can lock the admins out for a minute, never get in.)
+# so guessing it must stay slow. (Behind a proxy not named in TRUSTED_PROXIES all
+# clients share its address and one bucket: a guesser can lock the admins out for a
+# minute, never get in.)
 FAILED_ATTEMPTS = web.AppKey("smi_admin_failed_attempts", FailedAttemptLimiter)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -52,7 +52,8 @@ def client_of(request: web.Request) -> str:
     return client_key(client_address(request.remote, request.headers.getall("X-Forwarded-For", []), trusted))
 
 
-def client_address(peer: str | None, forwarded_for: list[str], trusted: Sequence[IPv4Network | IPv6Network]) -> str | None:
+def client_address(peer: str | None, forwarded_for: list[str],
+                   trusted: Sequence[IPv4Network | IPv6Network]) -> str | None:
     """Who a request comes from: its peer, unless the peer is one of our ``trusted``
     proxies. Then X-Forwarded-For is read from the right, each entry appended by the
     proxy that received the connection, and the first address that is not one of

@@ -94,6 +94,18 @@ async def test_a_refilled_bucket_leaves_no_key(redis, namespace, limiter, clock)
     assert await redis.exists(key) == 0
 
 
+async def test_guessers_on_many_addresses_hold_keys_only_as_long_as_their_failures(redis, namespace, limiter):
+    # Redis's memory follows the failures, not the addresses: 500 clients failing
+    # once each leave nothing once a failure's share of the window (1 s) is over.
+    limit = limiter(capacity=2, window_seconds=2.0)
+    clients = [f"198.51.{n // 250}.{n % 250}" for n in range(500)]
+    await asyncio.gather(*(limit.charge(client) for client in clients))
+    keys = [f"rl:{namespace}downloads:{client}" for client in clients]
+    assert await redis.exists(*keys) == 500
+    await asyncio.sleep(1.1)
+    assert await redis.exists(*keys) == 0
+
+
 async def test_a_block_seen_is_answered_from_memory(redis, namespace, limiter, clock):
     limit = limiter()
     for _ in range(20):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     stage_batch_size: int = Field(256, ge=1, le=10_000)
     # Batches an agent has in hand at once: a second fills the first's round trips.
     stage_batches_in_flight: int = Field(2, ge=1, le=16)
+    # ... and how old the batch in hand is when it stops holding back the next
+    # though no whole batch waits (0: it holds it back until a whole batch waits).
+    stage_second_batch_after_ms: int = Field(10, ge=0, le=60_000)
     smtp_connections: int = Field(8, ge=1, le=256)
     topic_partitions: int = Field(6, ge=1)
     topic_replication: int = Field(1, ge=1)
@@ -163,6 +166,11 @@ class Settings(BaseSettings):
     @property
     def request_policy(self) -> RequestPolicy:
         return RequestPolicy(tuple(self.allowed_resolutions), HostAllowList.parse(self.url_allow_hosts))
+
+    def stage_batching(self) -> dict[str, Any]:
+        """How a stage agent takes its batches (smi.kafka.handling.add_stage_agents)."""
+        return {"batch_size": self.stage_batch_size, "batches_in_flight": self.stage_batches_in_flight,
+                "second_batch_after": self.stage_second_batch_after_ms / 1000 or None}
 
     def metrics_port_for(self, stage: str) -> int:
         """The stage's metrics port (0: a free one), its later workers' stepped up

@@ -34,5 +34,5 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Checkout]:
         JOBS_REQUESTED: job_requested,
         PAYMENTS_EVENTS: value_of(checkout.on_payment_event),
         JOBS_FAILED: value_of(checkout.on_job_failed),
-    }, batch_size=settings.stage_batch_size, batches_in_flight=settings.stage_batches_in_flight)
+    }, **settings.stage_batching())
     return app, checkout

@@ -39,7 +39,7 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Janitor]:
     add_stage_agents(app, producer, {
         PAYMENTS_EVENTS: value_of(janitor.on_payment_event),
         JOBS_FAILED: value_of(janitor.on_job_failed),
-    }, batch_size=settings.stage_batch_size, batches_in_flight=settings.stage_batches_in_flight)
+    }, **settings.stage_batching())
 
     first_tick = True
 

@@ -35,6 +35,6 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Notifier]:
         PAYMENTS_REFUNDS: value_of(notifier.on_refund),
         JOBS_EXPIRING: value_of(notifier.on_expiring),
         JOBS_COMMANDS: notifier.on_command,
-    }, batch_size=settings.stage_batch_size, batches_in_flight=settings.stage_batches_in_flight,
+    }, **settings.stage_batching(),
         policy=SMTP_RETRY_POLICY)
     return app, notifier

@@ -50,7 +50,7 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Processor]:
         JOBS_PENDING: value_of(processor.on_pending),
         UPSCALER_EVENTS: value_of(processor.on_upscaler_event),
         JOBS_COMMANDS: value_of(processor.on_command),
-    }, batch_size=settings.stage_batch_size, batches_in_flight=settings.stage_batches_in_flight)
+    }, **settings.stage_batching())
 
     @app.timer(interval=settings.processor_tick_seconds)
     async def due_retries_and_polls() -> None:

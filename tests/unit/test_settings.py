@@ -162,6 +162,21 @@ def test_markup_range(monkeypatch, value, ok):
             Settings()
 
 
+@pytest.mark.parametrize("value,after", [(None, 0.01), ("25", 0.025), ("0", None)])
+def test_stage_batching(monkeypatch, value, after):
+    if value is not None:
+        monkeypatch.setenv("STAGE_SECOND_BATCH_AFTER_MS", value)
+    monkeypatch.setenv("STAGE_BATCH_SIZE", "64")
+    assert Settings().stage_batching() == {"batch_size": 64, "batches_in_flight": 2, "second_batch_after": after}
+
+
+@pytest.mark.parametrize("value", ["-1", "60001", "1.5", "soon"])
+def test_stage_second_batch_after_refuses_what_is_no_delay(monkeypatch, value):
+    monkeypatch.setenv("STAGE_SECOND_BATCH_AFTER_MS", value)
+    with pytest.raises(ValidationError, match="stage_second_batch_after_ms"):
+        Settings()
+
+
 @pytest.mark.parametrize("name,value", [("PAYMENTS", "paypal"), ("UPSCALER", "magic"), ("GATEWAY_PORT", "70000"),
                                         ("PAYMENT_TIMEOUT_MINUTES", "0"), ("JANITOR_INTERVAL_SECONDS", "0"),
                                         ("CREDIT_PRICE_CENTS", "-1"), ("METRICS_PORT", "-1"),

@@ -1,7 +1,7 @@
 """How a stage agent takes and settles batches (smi/kafka/handling.py: _Intake and
 _BatchWindow), on stand-in events: up to two batches in hand, a key's messages in
 offset order across them, acks in the order taken, a second batch only when a
-whole one waits, and nothing acked after a stop. The same agent on a real broker:
+whole one waits or the one in hand is old enough, and nothing acked after a stop. The same agent on a real broker:
 tests/integration/test_kafka_plumbing.py."""
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class Stage:
     def release(self, offset: int) -> None:
         self.hold[offset].set()
 
-    def window(self, size: int = 2) -> _BatchWindow:
-        return _BatchWindow(self.settle, self.ack, DEFAULT, size)
+    def window(self, size: int = 2, second_after: float | None = None) -> _BatchWindow:
+        return _BatchWindow(self.settle, self.ack, DEFAULT, size, second_after)
 
 
 async def settled() -> None:
@@ -110,6 +110,27 @@ async def test_a_second_batch_is_taken_only_when_a_whole_one_waits_and_a_third_n
         assert not third.done()  # two in hand: no room, however full the queue
         stage.release(0)
         await asyncio.wait_for(third, 1)
+
+
+async def test_a_batch_in_hand_long_enough_no_longer_holds_back_the_next():
+    stage = Stage(hold={0, 1})
+    full = asyncio.Event()  # never set: the stage keeps up
+    async with stage.window(size=2, second_after=0.2) as window:
+        await asyncio.wait_for(window.turn(full), 1)  # none in hand: at once
+        window.launch([event(0, "a")])
+        launched = asyncio.get_running_loop().time()
+        turn = asyncio.ensure_future(window.turn(full))
+        await asyncio.sleep(0.1)
+        assert not turn.done()  # the batch in hand is young: what arrives waits for it
+        await asyncio.wait_for(turn, 1)
+        assert asyncio.get_running_loop().time() - launched >= 0.19
+        window.launch([event(1, "b")])
+        third = asyncio.ensure_future(window.turn(full))
+        await asyncio.sleep(0.3)
+        assert not third.done()  # however old they are, two in hand fill the window
+        stage.release(0)
+        await asyncio.wait_for(third, 1)  # the second, launched 0.3 s ago, is old enough
+        stage.release(1)
 
 
 async def test_with_one_in_hand_the_next_batch_waits_until_it_is_acked():

@@ -311,16 +311,15 @@ class _BatchWindow:
 
     Why more than one: a handler waits on two or three round trips (Redis, then the
     broker's ack), and with one batch in hand a stage that is behind sits idle
-    through each of them. A second batch fills those waits. It is taken only when a
-    whole batch waits, or once the batch in hand is older than ``second_after``
-    seconds (10 ms): a stage that keeps up takes what has arrived once the batch in
-    hand is done, as with one, since splitting its work into smaller batches costs
-    CPU per message (smaller Redis pipelines and produce requests; a per-message
-    window was measured at twice the CPU per message). But a batch in hand takes
-    its round trips and its share of a busy machine's cores, tens of milliseconds,
-    and a message that arrives meanwhile waited all of it before it was even
-    started: that wait was the tail of the latency at 1,000 requests/s. With a
-    batch in hand longer than ``second_after`` it no longer waits for the whole.
+    through each of them. A second batch fills those waits. It is taken when a whole
+    batch waits, or once the batch in hand is ``second_after`` seconds old (10 ms in
+    the stages). Not at once: splitting the work into smaller batches costs CPU per
+    message (smaller Redis pipelines and produce requests; a per-message window was
+    measured at twice the CPU per message), so what arrives during a short batch is
+    taken together after it. Nor only when a whole batch waits: a batch in hand
+    takes its round trips and its share of a busy machine's cores, tens of
+    milliseconds, and a message arriving meanwhile waited all of it before it even
+    started, the tail of the latency at 1,000 requests/s (README, Performance).
 
     The guarantees of one batch at a time hold: a key's messages run one after
     another in offset order, also across batches (a group waits for the key's

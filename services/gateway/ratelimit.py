@@ -12,7 +12,7 @@ so a client costs one small key that expires exactly when it is no different fro
 a client never seen. That bounds Redis's memory by the failures, not by the
 addresses they come from: each failure keeps its client's key alive for
 window/capacity more (3 s at the defaults), so a guesser spread over a million
-addresses that fails F times a second holds about 3·F keys of ~100 bytes on average
+addresses that fails F times a second holds about 3·F keys of ~70 bytes on average
 (never more than its failures of the last window), and F is what the gateways can
 answer. Time comes from the caller's wall clock, not Redis's, so the
 script is deterministic (replicas and AOF replay it as it ran) and tests can set it;

@@ -14,6 +14,10 @@ from smi.jobtable.autopipeline import AutoPipelineRedis
 
 MAX_CONNECTIONS = 100
 
+# The cluster client whose permit the running task holds (tasks it starts inherit it).
+_permit_of: contextvars.ContextVar[BoundedRedisCluster | None] = contextvars.ContextVar("cluster_permit_of",
+                                                                                          default=None)
+
 
 class BoundedRedisCluster(RedisCluster):
     """A RedisCluster whose callers wait for a connection instead of failing.
@@ -55,11 +59,6 @@ class BoundedRedisCluster(RedisCluster):
 class _BoundedClusterPipeline(ClusterPipeline):
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True):
         return await self.cluster_client.bounded(partial(super().execute, raise_on_error, allow_redirections))
-
-
-# The client whose permit the running task holds (tasks it starts inherit it).
-_permit_of: contextvars.ContextVar[BoundedRedisCluster | None] = contextvars.ContextVar("cluster_permit_of",
-                                                                                          default=None)
 
 
 def connect(redis_url: str, cluster_nodes: str = "", *, max_connections: int = MAX_CONNECTIONS,

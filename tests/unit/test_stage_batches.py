@@ -1,8 +1,8 @@
 """How a stage agent takes and settles batches (smi/kafka/handling.py: _Intake and
 _BatchWindow), on stand-in events: up to two batches in hand, a key's messages in
 offset order across them, acks in the order taken, a second batch only when a
-whole one waits or the one in hand is old enough, and nothing acked after a stop. The same agent on a real broker:
-tests/integration/test_kafka_plumbing.py."""
+whole one waits or the one in hand is old enough, and nothing acked after a stop.
+The same agent on a real broker: tests/integration/test_kafka_plumbing.py."""
 
 from __future__ import annotations
 

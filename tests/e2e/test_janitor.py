@@ -200,7 +200,9 @@ async def test_one_expiry_warning_per_expiry_then_the_file_is_deleted_and_the_li
         return current if current.download_expired_at else None
     after = await eventually(expired)
     assert after.status is S.COMPLETED and after.upscaled_file_path is None
-    assert not path.parent.exists()
+    # The janitor deletes the files after recording the expiry (in a thread): wait
+    # for them to go rather than race the deletion.
+    await eventually(lambda: not path.parent.exists())
     for link in (token, second):
         async with http.get(f"{gateway.url}/downloads/{link}") as resp:
             assert resp.status == 410

@@ -13,12 +13,15 @@ One email of each kind per job, per expiry warning and per resend command: each
 send is recorded as a done marker on the job after it succeeds and checked before
 it starts. A redelivery after the record sends nothing; a crash between the send
 and the record sends again (at-least-once, never lost), with the same Message-ID.
+Redis going away between the two is no crash: the record alone is retried until it
+lands, where retrying the whole handling sent the email again.
 
 Raw tokens live only in this process and the email; customer addresses only in
 the job table and the email. Neither appears in a log line or an error."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +37,7 @@ from smi import metrics
 from smi.errors import PermanentError, TransientError
 from smi.faults import crash_point
 from smi.jobtable import JobNotFound, JobTable
-from smi.kafka.handling import SourceMessage
+from smi.kafka.handling import SourceMessage, record_effect
 from smi.mailer import Outgoing
 from smi.settings import Settings
 
@@ -60,11 +63,13 @@ class NotifierConfig:
 
 class Notifier:
     def __init__(self, table: JobTable, mailer: Sender, config: NotifierConfig, *,
-                 clock: Callable[[], datetime] = utcnow):
+                 clock: Callable[[], datetime] = utcnow,
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep):
         self.table = table
         self.mailer = mailer
         self.config = config
         self.clock = clock
+        self.sleep = sleep
 
     # -- jobs.completed -----------------------------------------------------------
 
@@ -155,7 +160,9 @@ class Notifier:
             metrics.email(kind, "deferred")
             raise
         metrics.email(kind, "sent")
-        await self.table.mark_done(job.job_id, marker)
+        # The email is out: an outage now must not have it sent again.
+        await record_effect(lambda: self.table.mark_done(job.job_id, marker),
+                            what=f"job {job.job_id}: {marker} sent", sleep=self.sleep)
         crash_point("notifier.after_send_recorded")
         # Per email, so DEBUG: an INFO line each was a fifteenth of the stage's CPU; the
         # job's done marker (smi jobs show) and smi_emails_total keep the record.

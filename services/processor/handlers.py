@@ -3,7 +3,8 @@
 Idempotent under redelivery, crash and restart:
 - a submission is recorded (upscaler id, callback token hash, attempt) in the same
   atomic transition that moves the job to ``processing``; a redelivered
-  ``jobs.pending`` finds the job past ``pending`` and submits nothing;
+  ``jobs.pending`` finds the job past ``pending`` and submits nothing; Redis away
+  between the submission and its record is waited out, not a second submission;
 - a result completes the job once (compare-and-set on ``processing`` and the event
   id); callbacks for an upscaler job that is not the job's current one are ignored;
 - transient errors never block the partition: a failed submit is retried from a
@@ -16,6 +17,7 @@ Idempotent under redelivery, crash and restart:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 
 from schemas.events import Command, JobEvent, UpscalerEvent, utcnow
@@ -40,6 +42,7 @@ from smi.faults import crash_point
 from smi.fetch import Resolver, SharedImageSession, fetch_to_file, system_resolver, vet_url
 from smi.jobfiles import attempt_dir, job_dir
 from smi.jobtable import JobNotFound, JobTable, hash_token
+from smi.kafka.handling import record_effect
 from smi.kafka.producer import Publisher
 from smi.upscalers import FAILED, FINAL_STATUSES, SUCCESS, LocalUpscaler, RemoteUpscaler
 
@@ -64,7 +67,8 @@ class ProcessorConfig:
 class Processor:
     def __init__(self, table: JobTable, publish: Publisher, config: ProcessorConfig, *,
                  remote: RemoteUpscaler | None = None, local: LocalUpscaler | None = None,
-                 resolver: Resolver = system_resolver, clock: Callable[[], datetime] = utcnow):
+                 resolver: Resolver = system_resolver, clock: Callable[[], datetime] = utcnow,
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep):
         if (remote is None) == (local is None):
             raise ValueError("exactly one upscaler backend: remote (Upsampler) or local")
         self.table = table
@@ -74,6 +78,7 @@ class Processor:
         self.local = local
         self.resolver = resolver
         self.clock = clock
+        self.sleep = sleep
         # Upsampler results are downloaded through one session: a session per download
         # cost a new client, connector and TCP connection per job.
         self._results_session = SharedImageSession()
@@ -126,8 +131,13 @@ class Processor:
                 raise  # the command is retried inline, then dead-lettered with the reason
             return await self._retry_later(job, exc)
         metrics.upscaler_request("upsampler", "accepted")
-        outcome, _ = await self._to_processing(job, submission.id, callback_token_hash=hash_token(token),
-                                               watch_after=self.config.poll_after)
+        # Submitted, and paid for: an outage now must not have the handler submit
+        # again (Upsampler takes no idempotency key). Repeating the record is safe:
+        # the same event id makes the transition a duplicate and publishes it again.
+        outcome, _ = await record_effect(
+            lambda: self._to_processing(job, submission.id, callback_token_hash=hash_token(token),
+                                        watch_after=self.config.poll_after),
+            what=f"job {job.job_id}: submitted as upscaler job {submission.id}", sleep=self.sleep)
         return outcome
 
     async def _to_processing(self, job: Job, upscaler_id: str, *, callback_token_hash: str | None,

@@ -26,7 +26,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from aiokafka.errors import KafkaError, KafkaTimeoutError, OutOfOrderSequenceNumber
 from pydantic import ValidationError
@@ -175,6 +175,36 @@ async def run_with_retries(stage: str, message: SourceMessage, handler: Handler,
                          stage, message.topic, message.partition, message.offset, exc_info=error)
             return failure_reason(error)
         metrics.message(stage, message.topic, "retried")
+        await sleep(delay)
+
+
+T = TypeVar("T")
+
+# Backoff of a side effect's record while Redis is away (record_effect): short, since
+# the outage is usually a restart of seconds and the effect has happened already.
+RECORD_RETRY = RetryPolicy(backoff=0.1, max_backoff=2.0)
+
+
+async def record_effect(write: Callable[[], Awaitable[T]], *, what: str,
+                        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+                        policy: RetryPolicy = RECORD_RETRY, jitter: Callable[[], float] = random.random) -> T:
+    """``write()``, the record of a side effect that has happened and that no key
+    makes safe to repeat (an email sent, a paid upscale submitted), retried through
+    transient errors and outages for as long as they last. Left to the stage's
+    retry (run_with_retries), such an error would run the whole handler again, which
+    finds no record and repeats the effect: 4 repeated emails of 2,000 in a chaos run
+    that only restarted Redis. A crash meanwhile still repeats it (at-least-once);
+    any other error escapes. ``what`` names the effect in the log, never a secret."""
+    failures = 0
+    while True:
+        try:
+            return await write()
+        except TRANSIENT_ERRORS as exc:
+            error = exc
+        delay = policy.delay(min(failures, 16), jitter())
+        log = logger.warning if failures % 10 == 0 else logger.info
+        log("%s, but its record failed (%s); again in %.2fs", what, failure_reason(error), delay)
+        failures += 1
         await sleep(delay)
 
 

@@ -1,5 +1,6 @@
-"""The processor's handling of an upscaler SUCCESS whose creditCost is no amount
-(services/processor/handlers.py), against an in-memory stand-in for the job table."""
+"""The processor's handling of an upscaler SUCCESS whose creditCost is no amount, and
+of a submission whose record meets a Redis outage (services/processor/handlers.py),
+against in-memory stand-ins for the job table and Upsampler."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from redis import exceptions as redis_errors
 
+from schemas.events import JobEvent
 from schemas.job import Job
 from schemas.status import JobStatus
-from schemas.topics import JOBS_COMPLETED
+from schemas.topics import JOBS_COMPLETED, JOBS_PROCESSING
+from schemas.urls import HostAllowList
 from services.processor.handlers import Processor, ProcessorConfig
+from smi.jobtable import hash_token
+from smi.upscalers.base import Submission
 from tests.support.one_job_table import OneJobTable, Published
 
 JOB_ID = "3f1c2a9e-8d4b-4c6a-9f2e-1b7d5e0a4c3d"
@@ -71,3 +77,62 @@ async def test_a_success_with_a_real_credit_cost_records_it(setup, cost_json, cr
     assert (await processor.on_upscaler_event(success(result, cost_json))).startswith("completed")
     [(_, fields)] = table.transitions
     assert (fields["credits"], fields["cost_cents"]) == (credits, credits * CREDIT_PRICE)
+
+
+# -- a submission to Upsampler, then Redis away ------------------------------------
+
+class FlakyTable(OneJobTable):
+    """transition raises each error of ``failures`` in turn, then applies."""
+
+    def __init__(self, job: Job, failures: list[Exception]):
+        super().__init__(job)
+        self.failures = list(failures)
+        self.transition_calls = 0
+
+    async def transition(self, job_id, target, **options):
+        self.transition_calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return await super().transition(job_id, target, **options)
+
+
+class CountingUpsampler:
+    def __init__(self):
+        self.submitted: list[str] = []
+
+    async def submit(self, image_url: str, factor: int, callback_url: str) -> Submission:
+        self.submitted.append(callback_url)
+        return Submission(id=f"ups-{len(self.submitted)}", status="IN_QUEUE", credit_cost=None)
+
+
+async def public_address(host: str) -> list[str]:
+    return ["93.184.215.14"]
+
+
+def pending_job() -> Job:
+    return Job(job_id=JOB_ID, status=JobStatus.PENDING, image_url="https://images.example.com/a.png",
+               resolution="4x", image_width=2000, image_height=2000, price_cents=384, created_at=T0, updated_at=T0)
+
+
+async def test_redis_away_after_a_submission_records_it_and_never_submits_again(tmp_path: Path):
+    table = FlakyTable(pending_job(), [redis_errors.ConnectionError("Connection refused")] * 3
+                       + [redis_errors.BusyLoadingError("loading")])
+    published, upsampler, slept = Published(), CountingUpsampler(), []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+    config = ProcessorConfig(storage_dir=tmp_path, allow=HostAllowList(), public_base_url="https://shop.example.com",
+                             credit_price_cents=CREDIT_PRICE, poll_after=timedelta(seconds=30),
+                             timeout=timedelta(minutes=10), submit_retries=3, max_result_bytes=10 ** 6)
+    processor = Processor(table, published, config, remote=upsampler, resolver=public_address, clock=lambda: T0,
+                          sleep=sleep)
+    outcome = await processor.on_pending(JobEvent.new("pending", JOB_ID, occurred_at=T0).model_dump_json().encode())
+    assert outcome.startswith("processing (applied")
+    assert len(upsampler.submitted) == 1  # one paid upscale, though its record failed four times
+    assert table.transition_calls == 5 and len(slept) == 4
+    [(target, fields)] = table.transitions
+    assert target is JobStatus.PROCESSING and fields["upsampler_job_id"] == "ups-1"
+    # The callback URL submitted carries the token whose hash is recorded.
+    token = upsampler.submitted[0].rsplit("/", 1)[1]
+    assert fields["callback_token_hash"] == hash_token(token)
+    assert [(topic, key) for topic, key, _ in published] == [(JOBS_PROCESSING.name, JOB_ID)]

@@ -308,6 +308,32 @@ def check_events(jobs: Sequence[JobRecord], events: Sequence[Event]) -> Check:
                   **{f"events_{t}": n for t, n in sorted(raw.items())}}, _examples(problems))
 
 
+# The statuses announced on a topic of their own (design.md, "Topics"): jobs.<status>.
+ANNOUNCED_STATUSES = frozenset({"awaiting_payment", "pending", "processing", COMPLETED, FAILED})
+REFUNDS_TOPIC = "payments.refunds"
+
+
+def check_announced(jobs: Sequence[JobRecord], events: Sequence[Event]) -> Check:
+    """Every transition in a history is on its status topic, and every refund on
+    payments.refunds: each stage writes the job before it publishes, so a crash in
+    between must leave the redelivery to publish (found missing for ``processing``)."""
+    seen = {(event.topic, event.job_id) for event in events}
+    missing = Counter()
+    examples = []
+    for job in jobs:
+        topics = [f"jobs.{t.target}" for t in job.history if t.target in ANNOUNCED_STATUSES]
+        topics += [REFUNDS_TOPIC] if job.refund_id else []
+        for topic in topics:
+            if (topic, job.job_id) not in seen:
+                missing[topic] += 1
+                examples.append(f"job {job.job_id}: no event on {topic}")
+    return Check("every transition and refund announced", not missing,
+                 f"{sum(missing.values())} transitions or refunds with no event"
+                 + (f" ({', '.join(f'{t} {n}' for t, n in sorted(missing.items()))})" if missing else ""),
+                 {"missing": sum(missing.values()), **{f"missing_{t}": n for t, n in sorted(missing.items())}},
+                 _examples(examples))
+
+
 def check_dead_letters(dead_letters: Sequence[Mapping[str, Any]]) -> Check:
     by_reason = Counter(f"{d.get('stage')}: {str(d.get('error'))[:120]}" for d in dead_letters)
     return Check("no message dead-lettered", not dead_letters, f"{len(dead_letters)} dead letters",
@@ -335,6 +361,7 @@ def run_checks(*, requests: Mapping[str, bool], jobs: Sequence[JobRecord], strip
         check_ready_emails(jobs, message_ids),
         check_refund_emails(jobs, message_ids),
         check_events(jobs, events),
+        check_announced(jobs, events),
         check_dead_letters(dead_letters),
     ]
     if lag is not None:

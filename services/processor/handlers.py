@@ -12,7 +12,10 @@ Idempotent under redelivery, crash and restart:
   callback is polled from another (``poll``) until it finishes or times out;
 - the local backend upscales and completes in the handling of ``jobs.pending``
   itself; a redelivery finds the result on disk, or the job completed and
-  publishes its event again.
+  publishes its event again;
+- every write comes before its event, so a redelivered ``jobs.pending`` that finds
+  the job ``processing`` publishes ``jobs.processing`` again (same event id): the
+  worker that wrote it may have died before announcing it.
 """
 
 from __future__ import annotations
@@ -104,8 +107,14 @@ class Processor:
             if self.local is not None:
                 return await self._start_local(job)
             return await self._submit(job, operator_retry=operator_retry)
-        if job.status is JobStatus.PROCESSING and self.local is not None:
-            return await self._run_local(job)  # the upscale of a crashed worker, redone
+        if job.status is JobStatus.PROCESSING:
+            # Redelivered: the worker that moved the job may have died before
+            # announcing it. The same event id lets whoever got it drop the repeat.
+            await self.publish(JOBS_PROCESSING, job.job_id, _processing_event(
+                job.job_id, job.attempts, job.upsampler_job_id, job.processing_started_at))
+            if self.local is not None:
+                return await self._run_local(job)  # the upscale of a crashed worker, redone
+            return "processing: event published again"
         if job.status is JobStatus.FAILED or (job.status is JobStatus.COMPLETED and self.local is not None):
             # It may have failed, or (local backend) completed, right here before a
             # crash between the table write and the publish.
@@ -146,8 +155,7 @@ class Processor:
         applied the move, the job as it now is (None otherwise: read it)."""
         attempt = job.attempts + 1
         now = self.clock()
-        event = JobEvent.new("processing", job.job_id, attempt=attempt, occurred_at=now,
-                             data={"upscaler_job_id": upscaler_id, "attempt": attempt})
+        event = _processing_event(job.job_id, attempt, upscaler_id, now)
         fields: dict[str, Any] = {"upsampler_job_id": upscaler_id, "attempts": attempt, "processing_started_at": now,
                                   "submit_failures": 0, "callback_token_hash": callback_token_hash}
         result = await self.table.transition(job.job_id, JobStatus.PROCESSING, actor=Stage.PROCESSOR,
@@ -156,6 +164,7 @@ class Processor:
                                              deadlines={Deadline.POLL: now + watch_after})
         if result.outcome == "rejected":
             return f"not started: job is {result.previous}", None
+        crash_point("processor.after_processing_write")
         await self.publish(JOBS_PROCESSING, job.job_id, event)
         crash_point("processor.after_processing")
         moved = job.model_copy(update={**fields, "status": JobStatus.PROCESSING, "failure_reason": None,
@@ -379,6 +388,11 @@ class Processor:
             return await self.table.get(job_id)
         except JobNotFound:
             raise InvalidMessage(f"unknown job {job_id}") from None
+
+
+def _processing_event(job_id: str, attempt: int, upscaler_id: str | None, at: datetime | None) -> JobEvent:
+    return JobEvent.new("processing", job_id, attempt=attempt, occurred_at=at,
+                        data={"upscaler_job_id": upscaler_id, "attempt": attempt})
 
 
 def _completed_event(job: Job, at: datetime | None) -> JobEvent:

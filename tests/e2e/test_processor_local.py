@@ -66,6 +66,30 @@ async def test_bad_images_fail_the_job_with_the_reason(processor, images, produc
     assert reason in failed.failure_reason, failed.failure_reason
 
 
+async def test_killed_between_starting_and_announcing_the_redelivery_announces_processing_once(
+        processor, images, producer, table, http, gateway, watcher):
+    """A worker that dies after writing ``processing`` and before publishing it
+    leaves jobs.pending to be redelivered; the job is then past ``pending``, and
+    that delivery must still announce ``processing`` (a contract topic that
+    upstream systems watch), once, with the first event id, and then complete."""
+    processor.kill()
+    processor.start(SMI_CRASH_AT="processor.after_processing_write")
+    url = f"{images.url}/img/64x48.png?u={uuid.uuid4().hex[:8]}"
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    assert await asyncio.to_thread(processor.wait_exit, 120) == 137
+    assert (await table.get(job.job_id)).status is S.PROCESSING
+    assert not watcher.matching("jobs.processing", for_job(job.job_id))  # written, not announced
+    processor.start()
+    await wait_status(table, job.job_id, S.COMPLETED, timeout=90)
+    event_id = make_event_id(job.job_id, "processing", 1)
+    await watcher.wait_for("jobs.processing", lambda m: for_job(job.job_id)(m)
+                           and json.loads(m.value)["event_id"] == event_id, timeout=30)
+    await drained(KAFKA, "processor", ["jobs.pending"], names=KAFKA_NAMES)
+    assert {json.loads(m.value)["event_id"] for m in watcher.matching("jobs.processing", for_job(job.job_id))} \
+        == {event_id}
+    assert [h.target for h in await table.history(job.job_id)].count(S.PROCESSING) == 1
+
+
 async def test_killed_between_completing_and_announcing_the_redelivery_announces_once(
         processor, images, producer, table, http, gateway, watcher):
     """The local backend completes the job while handling jobs.pending: a worker

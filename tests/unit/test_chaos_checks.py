@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from chaos.checks import (BAD_PATH, GOOD_PATH, Event, JobRecord, StripeCall, Transition, check_checkout_sessions,
-                          check_dead_letters, check_drained, check_events, check_final_states, check_histories,
+                          check_announced, check_dead_letters, check_drained, check_events, check_final_states, check_histories,
                           check_none_lost, check_none_stuck, check_ready_emails, check_refund_emails, check_refunds,
                           parse_message_id, run_checks)
 
@@ -73,7 +73,7 @@ def run() -> Run:
         if bad:
             calls.append(_refund_call(job_id))
         for topic in ("jobs.awaiting_payment", "jobs.pending", "jobs.processing",
-                      "jobs.failed" if bad else "jobs.completed"):
+                      "jobs.failed" if bad else "jobs.completed", *(["payments.refunds"] if bad else [])):
             events.append(Event(topic, job_id, f"ev-{job_id}-{topic}"))
     return Run(requests, jobs, calls, mids, events)
 
@@ -211,6 +211,19 @@ def test_two_event_ids_for_one_job_on_one_topic_are_caught(run):
     second = Event("jobs.completed", job.job_id, "another-id")
     check = check_events(run.jobs, run.events + [second])
     assert not check.ok and "2 event ids" in check.examples[0]
+
+
+@pytest.mark.parametrize("topic", ["jobs.awaiting_payment", "jobs.pending", "jobs.processing", "jobs.failed",
+                                   "payments.refunds"])
+def test_a_transition_or_refund_never_announced_is_caught(run, topic):
+    bad = run.jobs[3]  # the failed, refunded job
+    kept = [e for e in run.events if (e.topic, e.job_id) != (topic, bad.job_id)]
+    assert len(kept) == len(run.events) - 1
+    check = check_announced(run.jobs, kept)
+    assert not check.ok and check.counts["missing"] == 1 and check.counts[f"missing_{topic}"] == 1
+    assert check.examples == [f"job {bad.job_id}: no event on {topic}"]
+    # Another job's event on that topic does not stand in for it.
+    assert not check_announced(run.jobs, kept + [Event(topic, run.jobs[0].job_id, "x")]).ok
 
 
 def test_dead_letters_and_lag_are_caught():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from redis import exceptions as redis_errors
 
-from schemas.events import JobEvent
+from schemas.events import JobEvent, make_event_id
 from schemas.job import Job
 from schemas.status import JobStatus
 from schemas.topics import JOBS_COMPLETED, JOBS_PROCESSING
@@ -109,6 +109,13 @@ async def public_address(host: str) -> list[str]:
     return ["93.184.215.14"]
 
 
+def remote_processor(tmp_path: Path, table, published, upsampler, **options) -> Processor:
+    config = ProcessorConfig(storage_dir=tmp_path, allow=HostAllowList(), public_base_url="https://shop.example.com",
+                             credit_price_cents=CREDIT_PRICE, poll_after=timedelta(seconds=30),
+                             timeout=timedelta(minutes=10), submit_retries=3, max_result_bytes=10 ** 6)
+    return Processor(table, published, config, remote=upsampler, resolver=public_address, clock=lambda: T0, **options)
+
+
 def pending_job() -> Job:
     return Job(job_id=JOB_ID, status=JobStatus.PENDING, image_url="https://images.example.com/a.png",
                resolution="4x", image_width=2000, image_height=2000, price_cents=384, created_at=T0, updated_at=T0)
@@ -121,11 +128,7 @@ async def test_redis_away_after_a_submission_records_it_and_never_submits_again(
 
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
-    config = ProcessorConfig(storage_dir=tmp_path, allow=HostAllowList(), public_base_url="https://shop.example.com",
-                             credit_price_cents=CREDIT_PRICE, poll_after=timedelta(seconds=30),
-                             timeout=timedelta(minutes=10), submit_retries=3, max_result_bytes=10 ** 6)
-    processor = Processor(table, published, config, remote=upsampler, resolver=public_address, clock=lambda: T0,
-                          sleep=sleep)
+    processor = remote_processor(tmp_path, table, published, upsampler, sleep=sleep)
     outcome = await processor.on_pending(JobEvent.new("pending", JOB_ID, occurred_at=T0).model_dump_json().encode())
     assert outcome.startswith("processing (applied")
     assert len(upsampler.submitted) == 1  # one paid upscale, though its record failed four times
@@ -136,3 +139,18 @@ async def test_redis_away_after_a_submission_records_it_and_never_submits_again(
     token = upsampler.submitted[0].rsplit("/", 1)[1]
     assert fields["callback_token_hash"] == hash_token(token)
     assert [(topic, key) for topic, key, _ in published] == [(JOBS_PROCESSING.name, JOB_ID)]
+
+
+async def test_a_redelivered_pending_of_a_processing_job_announces_it_again_and_submits_nothing(tmp_path: Path):
+    job = pending_job().model_copy(update={"status": JobStatus.PROCESSING, "attempts": 2, "upsampler_job_id": "ups-7",
+                                           "processing_started_at": T0})
+    table, published, upsampler = OneJobTable(job), Published(), CountingUpsampler()
+    processor = remote_processor(tmp_path, table, published, upsampler)
+    outcome = await processor.on_pending(JobEvent.new("pending", JOB_ID, occurred_at=T0).model_dump_json().encode())
+    assert outcome == "processing: event published again"
+    assert upsampler.submitted == [] and table.writes == []
+    [(topic, key, event)] = published
+    assert (topic, key) == (JOBS_PROCESSING.name, JOB_ID)
+    # The first announcement's id and moment: a consumer that got it drops this one.
+    assert event.event_id == make_event_id(JOB_ID, "processing", 2) and event.occurred_at == T0
+    assert event.data == {"upscaler_job_id": "ups-7", "attempt": 2}

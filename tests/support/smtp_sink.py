@@ -38,6 +38,9 @@ class _Handler:
         self.refusals: list[str] = []
         self.sessions = 0  # EHLOs seen: one per client connection
         self.lock = threading.Lock()
+        # Called in the sink's thread with each message accepted, before the client
+        # hears "250" (SmtpSink.on_accept).
+        self.on_accept: Callable[[Delivery], None] | None = None
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
@@ -52,7 +55,10 @@ class _Handler:
             if refusal:
                 return refusal.format(recipient=envelope.rcpt_tos[0])
             message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
-            self.deliveries.append(Delivery(envelope.mail_from, tuple(envelope.rcpt_tos), message))
+            delivery = Delivery(envelope.mail_from, tuple(envelope.rcpt_tos), message)
+            self.deliveries.append(delivery)
+        if self.on_accept is not None:
+            self.on_accept(delivery)
         return "250 Message accepted for delivery"
 
 
@@ -84,6 +90,11 @@ class SmtpSink:
         replaced by the first recipient, as real servers quote it)."""
         with self._handler.lock:
             self._handler.refusals += [reply] * count
+
+    def on_accept(self, callback: Callable[[Delivery], None] | None) -> None:
+        """Call ``callback`` (in the sink's own thread) with each message accepted, before
+        the client hears that it was: the moment an email is out."""
+        self._handler.on_accept = callback
 
     @property
     def sessions(self) -> int:

@@ -199,7 +199,9 @@ async def record_effect(write: Callable[[], Awaitable[T]], *, what: str,
     while True:
         try:
             return await write()
-        except TRANSIENT_ERRORS as exc:
+        except Exception as exc:
+            if not (isinstance(exc, TRANSIENT_ERRORS) or is_outage(exc)):
+                raise
             error = exc
         delay = policy.delay(min(failures, 16), jitter())
         log = logger.warning if failures % 10 == 0 else logger.info

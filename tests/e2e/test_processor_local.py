@@ -66,48 +66,30 @@ async def test_bad_images_fail_the_job_with_the_reason(processor, images, produc
     assert reason in failed.failure_reason, failed.failure_reason
 
 
-async def test_killed_between_starting_and_announcing_the_redelivery_announces_processing_once(
-        processor, images, producer, table, http, gateway, watcher):
-    """A worker that dies after writing ``processing`` and before publishing it
-    leaves jobs.pending to be redelivered; the job is then past ``pending``, and
-    that delivery must still announce ``processing`` (a contract topic that
-    upstream systems watch), once, with the first event id, and then complete."""
+@pytest.mark.parametrize("crash_at, written", [("processor.after_processing_write", S.PROCESSING),
+                                               ("processor.after_completed_write", S.COMPLETED)],
+                         ids=["processing", "completed"])
+async def test_killed_between_a_write_and_its_event_the_redelivery_announces_it_once(
+        processor, images, producer, table, http, gateway, watcher, crash_at, written):
+    """The local backend starts and completes the job while handling jobs.pending:
+    a worker that dies after a write and before its event leaves the message to be
+    redelivered, which finds the job past ``pending``. That delivery must still
+    announce the status written (jobs.completed: the email hangs on it;
+    jobs.processing: a contract topic upstream systems watch), once, with the first
+    event id, and the job must complete."""
     processor.kill()
-    processor.start(SMI_CRASH_AT="processor.after_processing_write")
+    processor.start(SMI_CRASH_AT=crash_at)
     url = f"{images.url}/img/64x48.png?u={uuid.uuid4().hex[:8]}"
     job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
     assert await asyncio.to_thread(processor.wait_exit, 120) == 137
-    assert (await table.get(job.job_id)).status is S.PROCESSING
-    assert not watcher.matching("jobs.processing", for_job(job.job_id))  # written, not announced
+    assert (await table.get(job.job_id)).status is written
+    topic = f"jobs.{written.value}"
+    assert not watcher.matching(topic, for_job(job.job_id))  # written, not announced
     processor.start()
     await wait_status(table, job.job_id, S.COMPLETED, timeout=90)
-    event_id = make_event_id(job.job_id, "processing", 1)
-    await watcher.wait_for("jobs.processing", lambda m: for_job(job.job_id)(m)
-                           and json.loads(m.value)["event_id"] == event_id, timeout=30)
+    event_id = make_event_id(job.job_id, written.value, 1)
+    await watcher.wait_for(topic, lambda m: for_job(job.job_id)(m) and json.loads(m.value)["event_id"] == event_id,
+                           timeout=30)
     await drained(KAFKA, "processor", ["jobs.pending"], names=KAFKA_NAMES)
-    assert {json.loads(m.value)["event_id"] for m in watcher.matching("jobs.processing", for_job(job.job_id))} \
-        == {event_id}
-    assert [h.target for h in await table.history(job.job_id)].count(S.PROCESSING) == 1
-
-
-async def test_killed_between_completing_and_announcing_the_redelivery_announces_once(
-        processor, images, producer, table, http, gateway, watcher):
-    """The local backend completes the job while handling jobs.pending: a worker
-    that dies after the write and before jobs.completed leaves the message to be
-    redelivered, and that delivery must announce the completion (the email hangs
-    on it), once, with the first event id."""
-    processor.kill()
-    processor.start(SMI_CRASH_AT="processor.after_completed_write")
-    url = f"{images.url}/img/64x48.png?u={uuid.uuid4().hex[:8]}"
-    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
-    assert await asyncio.to_thread(processor.wait_exit, 120) == 137
-    assert (await table.get(job.job_id)).status is S.COMPLETED
-    assert not watcher.matching("jobs.completed", for_job(job.job_id))  # written, not announced
-    processor.start()
-    event_id = make_event_id(job.job_id, "completed", 1)
-    await watcher.wait_for("jobs.completed", lambda m: for_job(job.job_id)(m)
-                           and json.loads(m.value)["event_id"] == event_id, timeout=90)
-    await drained(KAFKA, "processor", ["jobs.pending"], names=KAFKA_NAMES)
-    assert {json.loads(m.value)["event_id"] for m in watcher.matching("jobs.completed", for_job(job.job_id))} \
-        == {event_id}
-    assert [h.target for h in await table.history(job.job_id)].count(S.COMPLETED) == 1
+    assert {json.loads(m.value)["event_id"] for m in watcher.matching(topic, for_job(job.job_id))} == {event_id}
+    assert [h.target for h in await table.history(job.job_id)].count(written) == 1

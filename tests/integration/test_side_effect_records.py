@@ -1,11 +1,16 @@
-"""An email sent, then Redis gone before its record (record_effect in
-smi/kafka/handling.py): the notifier's handling of jobs.completed, run by the
-stage's own retry loop (run_with_retries), against the real job table reached
-through a relay that the test cuts the moment the SMTP sink accepts the email,
-over a real SMTP exchange. The email must go out once, and be recorded once
-Redis is back. Before record_effect, the retry loop ran the whole handler again,
-found no record and sent a second email (as chaos runs showed: 100 repeats of
-2,000 in one)."""
+"""A side effect done, then Redis gone before its record (record_effect in
+smi/kafka/handling.py), each handler run by the stage's own retry loop
+(run_with_retries) against the real job table, reached through a relay that the
+test cuts at that moment:
+
+- the notifier's email, over a real SMTP exchange, cut as the sink accepts it;
+- the processor's submission to the fake Upsampler server (a paid upscale, with
+  no idempotency key), cut as the answer arrives.
+
+Each effect must happen once and be recorded once Redis is back. Before
+record_effect the retry loop ran the whole handler again, which found no record
+and did it again (chaos runs showed 100 repeated emails of 2,000 in one).
+Publishing is an in-memory stand-in here: not the step under test."""
 
 from __future__ import annotations
 
@@ -17,16 +22,24 @@ from urllib.parse import urlsplit
 import pytest
 from redis import exceptions as redis_errors
 
+from datetime import timedelta
+
 from schemas.events import JobEvent
 from schemas.status import JobStatus as S
-from schemas.topics import JOBS_COMPLETED
+from schemas.topics import JOBS_COMPLETED, JOBS_PENDING, JOBS_PROCESSING
+from schemas.urls import HostAllowList
 from services.notifier.emails import Letterhead
 from services.notifier.handlers import Notifier, NotifierConfig
+from services.processor.handlers import Processor, ProcessorConfig
 from smi.jobtable import JobTable, connect
 from smi.kafka.handling import RetryPolicy, SourceMessage, run_with_retries, value_of
 from smi.mailer import Mailer
+from smi.upscalers import UpsamplerClient
 from tests.integration.conftest import REDIS_URL
+from tests.support.fake_upsampler import DEFAULT_API_KEY, FakeUpsampler
+from tests.support.image_server import ImageServer
 from tests.support.jobs import make_job
+from tests.support.one_job_table import Published
 from tests.support.smtp_sink import SmtpSink, about_job
 from tests.support.tcp_relay import CuttableRelay
 
@@ -97,6 +110,46 @@ async def test_redis_cut_as_the_email_is_accepted_sends_it_once_and_records_it_w
     assert cut.is_set() and relay.cut_count >= 1  # the record really met a cut connection
     assert len(sink.deliveries(about_job(job.job_id, "ready"))) == 1
     assert "email:ready" in (await table.get(job.job_id)).done
+    assert any("but its record failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_redis_cut_as_upsampler_answers_the_job_is_submitted_once_and_recorded_when_back(
+        relay, table, tmp_path, caplog):
+    loopback = HostAllowList.parse("127.0.0.1/32")
+    job = await make_job(table, S.PENDING)
+    async with FakeUpsampler() as upsampler:
+        images = await ImageServer().start()
+        await table.update(job.job_id, {"image_url": f"{images.url}/img/16x12.png"})
+        client = UpsamplerClient(upsampler.base_url, DEFAULT_API_KEY, timeout=10)
+        submit = client.submit
+
+        async def submit_then_cut(*args):
+            submission = await submit(*args)
+            if relay.cut_count == 0:  # the first answer only
+                relay.cut()
+                asyncio.get_running_loop().call_later(OUTAGE_SECONDS, relay.mend)
+            return submission
+        client.submit = submit_then_cut
+        config = ProcessorConfig(storage_dir=tmp_path, allow=loopback, public_base_url="http://127.0.0.1:9",
+                                 credit_price_cents=4, poll_after=timedelta(minutes=5),
+                                 timeout=timedelta(minutes=10), submit_retries=3, max_result_bytes=10 ** 6)
+        published = Published()
+        processor = Processor(table, published, config, remote=client)
+        event = JobEvent.new("pending", job.job_id)
+        message = SourceMessage(JOBS_PENDING.name, 0, 1, job.job_id.encode(), event.model_dump_json().encode())
+        caplog.set_level(logging.INFO)
+        try:
+            reason = await asyncio.wait_for(
+                run_with_retries("processor", message, value_of(processor.on_pending), RetryPolicy()), timeout=60)
+        finally:
+            await processor.close()
+            await images.stop()
+    assert reason is None
+    assert relay.cut_count >= 1  # the record really met a cut connection
+    assert len(upsampler.submissions) == 1  # one paid upscale
+    stored = await table.get(job.job_id)
+    assert stored.status is S.PROCESSING and stored.upsampler_job_id == next(iter(upsampler.jobs))
+    assert [(topic, key) for topic, key, _ in published] == [(JOBS_PROCESSING.name, job.job_id)]
     assert any("but its record failed" in r.getMessage() for r in caplog.records)
 
 

@@ -10,7 +10,9 @@ Inputs:
 - ``message_ids``: the Message-ID of every email the SMTP sink accepted, in order;
 - ``events``: (topic, job id, event id) of every message on the status topics;
 - ``dead_letters``: every message on ``jobs.dead_letter``;
-- ``lag``: consumer group -> messages not yet committed, after the run settled.
+- ``lag``: consumer group -> messages not yet committed, after the run settled;
+- ``upscaler_jobs``: with UPSCALER=upsampler, the id of every job the (fake)
+  Upsampler accepted, each a paid upscale.
 
 Each check returns a Check: a name, whether it holds, counts, and a few examples
 of what broke it."""
@@ -27,6 +29,9 @@ COMPLETED, FAILED = "completed", "failed"
 TERMINAL = frozenset({COMPLETED, FAILED})
 GOOD_PATH = ("awaiting_payment", "pending", "processing", "completed")
 BAD_PATH = ("awaiting_payment", "pending", "processing", "failed")
+# With UPSCALER=upsampler a bad image fails at the submission: Upsampler fetches the
+# input before it accepts the job, and refuses one it cannot fetch.
+REFUSED_PATH = ("awaiting_payment", "pending", "failed")
 SESSIONS_PATH = "/v1/checkout/sessions"
 REFUNDS_PATH = "/v1/refunds"
 EXAMPLES = 10
@@ -50,6 +55,7 @@ class JobRecord:
     payment_status: str | None = None
     refund_id: str | None = None
     history: tuple[Transition, ...] = ()
+    upscaler_job_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,8 @@ def check_none_stuck(jobs: Sequence[JobRecord]) -> Check:
                  _examples(f"job {j.job_id} is {j.status}" for j in stuck))
 
 
-def check_histories(requests: Mapping[str, bool], jobs: Sequence[JobRecord]) -> Check:
+def check_histories(requests: Mapping[str, bool], jobs: Sequence[JobRecord],
+                    bad_path: tuple[str, ...] = BAD_PATH) -> Check:
     """No transition twice in a history (same target or same event id), and each
     history is the expected path for its kind of job."""
     duplicates, off_path = [], []
@@ -164,7 +171,7 @@ def check_histories(requests: Mapping[str, bool], jobs: Sequence[JobRecord]) -> 
             duplicates.append(f"job {job.job_id}: {', '.join(twice)}")
         if job.request_id in requests and job.status in TERMINAL:
             path = tuple(t.target for t in job.history if t.target != "new")
-            want = BAD_PATH if requests[job.request_id] else GOOD_PATH
+            want = bad_path if requests[job.request_id] else GOOD_PATH
             if path != want:
                 off_path.append(f"job {job.job_id}: {' → '.join(path)} (expected {' → '.join(want)})")
     return Check("no duplicate transition in any history", not duplicates and not off_path,
@@ -334,6 +341,25 @@ def check_announced(jobs: Sequence[JobRecord], events: Sequence[Event]) -> Check
                  _examples(examples))
 
 
+def check_upscaler_submissions(jobs: Sequence[JobRecord], accepted: Sequence[str]) -> Check:
+    """Every completed job's upscale is one the upscaler accepted, and no accepted
+    upscale serves two jobs. An accepted upscale that no job holds was paid for and
+    not used: a kill between the submission and its record resubmits (allowed, as
+    an email sent again is; an outage there no longer does, see record_effect)."""
+    accepted_ids = Counter(accepted)
+    holders = Counter(j.upscaler_job_id for j in jobs if j.upscaler_job_id)
+    problems = [f"job {j.job_id}: completed with upscaler job {j.upscaler_job_id!r}, never accepted"
+                for j in jobs if j.status == COMPLETED and accepted_ids[j.upscaler_job_id] == 0]
+    problems += [f"upscaler job {u} held by {n} jobs" for u, n in holders.items() if n > 1]
+    unused = sum(n for u, n in accepted_ids.items() if holders[u] == 0)
+    submitted_jobs = sum(1 for j in jobs if j.upscaler_job_id and accepted_ids[j.upscaler_job_id])
+    return Check("one paid upscale per job", not problems,
+                 f"{len(accepted)} upscales accepted for {submitted_jobs} jobs; {unused} held by no job "
+                 "(a kill between the submission and its record; allowed)",
+                 {"accepted": len(accepted), "jobs": submitted_jobs, "unused": unused, "problems": len(problems)},
+                 _examples(problems))
+
+
 def check_dead_letters(dead_letters: Sequence[Mapping[str, Any]]) -> Check:
     by_reason = Counter(f"{d.get('stage')}: {str(d.get('error'))[:120]}" for d in dead_letters)
     return Check("no message dead-lettered", not dead_letters, f"{len(dead_letters)} dead letters",
@@ -349,13 +375,13 @@ def check_drained(lag: Mapping[str, int | None]) -> Check:
 
 def run_checks(*, requests: Mapping[str, bool], jobs: Sequence[JobRecord], stripe_calls: Sequence[StripeCall],
                message_ids: Sequence[str | None], events: Sequence[Event] = (),
-               dead_letters: Sequence[Mapping[str, Any]] = (), lag: Mapping[str, int | None] | None = None
-               ) -> list[Check]:
+               dead_letters: Sequence[Mapping[str, Any]] = (), lag: Mapping[str, int | None] | None = None,
+               upscaler_jobs: Sequence[str] | None = None, bad_path: tuple[str, ...] = BAD_PATH) -> list[Check]:
     checks = [
         check_none_lost(requests, jobs),
         check_final_states(requests, jobs),
         check_none_stuck(jobs),
-        check_histories(requests, jobs),
+        check_histories(requests, jobs, bad_path),
         check_checkout_sessions(jobs, stripe_calls),
         check_refunds(requests, jobs, stripe_calls),
         check_ready_emails(jobs, message_ids),
@@ -364,6 +390,8 @@ def run_checks(*, requests: Mapping[str, bool], jobs: Sequence[JobRecord], strip
         check_announced(jobs, events),
         check_dead_letters(dead_letters),
     ]
+    if upscaler_jobs is not None:
+        checks.append(check_upscaler_submissions(jobs, upscaler_jobs))
     if lag is not None:
         checks.append(check_drained(lag))
     return checks

@@ -2,7 +2,8 @@
 
 1. A stack of its own (chaos.stack), and beside it in this process: stripe-mock
    behind a recording proxy, a loopback image server, an SMTP sink.
-2. Every stage as its own process (chaos.stages), PAYMENTS=stripe, UPSCALER=local.
+2. Every stage as its own process (chaos.stages), PAYMENTS=stripe, UPSCALER=local (or
+   upsampler: the fake Upsampler server of tests/support, in this process).
 3. Job requests published to ``jobs.requested`` at a steady pace over the publish
    window (so the faults hit jobs in every step); about 10 % name an image that
    404s. Each job seen ``awaiting_payment`` in the table is paid by a signed
@@ -34,7 +35,8 @@ from typing import Any
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from chaos.checks import Event, JobRecord, StripeCall, Transition, parse_message_id, run_checks
+from chaos.checks import (BAD_PATH, REFUSED_PATH, Event, JobRecord, StripeCall, Transition, parse_message_id,
+                          run_checks)
 from chaos.stack import OwnStack, pick_ports
 from chaos.stages import STAGES, Worker, stop_all
 from schemas.status import JobStatus
@@ -44,6 +46,7 @@ from smi.jobtable import JobTable, connect
 from smi.kafka.producer import EventProducer
 from smi.ops.lag import STAGE_SOURCE_TOPICS, sample
 from smi.stripe_webhooks import checkout_session_event, encode, sign
+from tests.support.fake_upsampler import DEFAULT_API_KEY as UPSAMPLER_API_KEY, FakeUpsampler
 from tests.support.image_server import ImageServer
 from tests.support.smtp_sink import SmtpSink
 from tests.support.stripe_proxy import RecordingStripeProxy
@@ -112,6 +115,9 @@ class ChaosConfig:
     run_dir: Path = Path("var/chaos/run")
     keep_data: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)  # on top of the stages' environment
+    # "local" (Pillow in the processor) or "upsampler": the paid API's path, against
+    # the fake Upsampler server of tests/support running in this process.
+    upscaler: str = "local"
     say: Callable[[str], None] = print
 
     @property
@@ -178,7 +184,7 @@ class ChaosRun:
         results: dict[str, Any] = {"run_id": self.run_id, "config": self._config_dict(), "ports": {
             "kafka": kafka, "kafka_controller": kafka + 1, "redis": redis_port, "stripe_mock": stripe,
             "gateway": gateway_port}, "run_dir": str(self.run_dir)}
-        self.sink = self.images = self.proxy = self.redis = None
+        self.sink = self.images = self.proxy = self.redis = self.upsampler = None
         started = time.monotonic()
         try:
             self.say(f"stack of our own in {self.stack.var_dir}: Kafka {self.stack.bootstrap}, "
@@ -188,6 +194,8 @@ class ChaosRun:
             self.phases["stack_up"] = round(time.monotonic() - t, 1)
             self.sink = SmtpSink().start()
             self.images = await ImageServer().start()
+            if cfg.upscaler == "upsampler":
+                self.upsampler = await FakeUpsampler().start()
             self.proxy = RecordingStripeProxy(self.stack.stripe_url)
             await self.proxy.start()
             self.redis = connect(self.stack.redis_url)
@@ -205,17 +213,26 @@ class ChaosRun:
         return {"jobs": cfg.jobs, "seed": cfg.seed, "bad_fraction": cfg.bad_fraction, "publish_seconds": cfg.window,
                 "kill_every": list(cfg.kill_every), "second_worker": cfg.second_worker, "redis_kill": cfg.redis_kill,
                 "kafka_restart": cfg.kafka_restart, "session_timeout": cfg.session_timeout,
-                "settle_timeout": cfg.settle, "payments": "stripe", "upscaler": "local", "extra_env": cfg.extra_env}
+                "settle_timeout": cfg.settle, "payments": "stripe", "upscaler": cfg.upscaler,
+                "extra_env": cfg.extra_env}
 
     def stage_env(self) -> dict[str, str]:
         return {**self.stack.env(), "PAYMENTS": "stripe", "STRIPE_API_BASE": self.proxy.url,
-                "STRIPE_API_KEY": "sk_test_123", "STRIPE_WEBHOOK_SECRET": self.secret, "UPSCALER": "local",
+                "STRIPE_API_KEY": "sk_test_123", "STRIPE_WEBHOOK_SECRET": self.secret,
+                **self._upscaler_env(),
                 "REDIS_SHARDS": str(SHARDS), "SMTP_URL": self.sink.url, "GATEWAY_PORT": str(self.gateway_port),
                 "PUBLIC_BASE_URL": self.gateway_url, "STORAGE_DIR": str(self.run_dir / "storage"),
                 "URL_ALLOW_HOSTS": "127.0.0.0/8", "METRICS_PORT": "0",
                 "KAFKA_SESSION_TIMEOUT_SECONDS": str(self.config.session_timeout), "LOG_FORMAT": "text",
                 "ADMIN_TOKEN": "", "GATEWAY_REUSE_PORT": "1",  # a second gateway (--second-worker) shares the port
                 **self.config.extra_env}
+
+    def _upscaler_env(self) -> dict[str, str]:
+        if self.upsampler is None:
+            return {"UPSCALER": "local"}
+        # A callback lost to a killed gateway is made up for by polling, soon.
+        return {"UPSCALER": "upsampler", "UPSAMPLER_BASE_URL": self.upsampler.base_url,
+                "UPSAMPLER_API_KEY": UPSAMPLER_API_KEY, "UPSAMPLER_POLL_AFTER_SECONDS": "5"}
 
     async def _start_stages(self) -> None:
         env = self.stage_env()
@@ -549,7 +566,9 @@ class ChaosRun:
         events, dead_letters = await read_status_topics(self.stack.bootstrap)
         lag = await self._lag()
         checks = run_checks(requests=self.bad, jobs=jobs, stripe_calls=calls, message_ids=message_ids,
-                            events=events, dead_letters=dead_letters, lag=lag or {"(unreadable)": None})
+                            events=events, dead_letters=dead_letters, lag=lag or {"(unreadable)": None},
+                            upscaler_jobs=None if self.upsampler is None else list(self.upsampler.jobs),
+                            bad_path=BAD_PATH if self.upsampler is None else REFUSED_PATH)
         statuses = Counter(j.status for j in jobs)
         return {
             "settled": settled,
@@ -579,14 +598,14 @@ class ChaosRun:
                 records.append(JobRecord(
                     job.job_id, job.request_id, str(job.status), job.payment_status, job.refund_id,
                     tuple(Transition(str(h.source) if h.source else None, str(h.target), h.event_id, h.actor)
-                          for h in history)))
+                          for h in history), job.upsampler_job_id))
         return records
 
     async def _teardown(self) -> None:
         workers = [*self.workers.values(), *filter(None, [self.extra])]
         await asyncio.to_thread(stop_all, workers)
         for closer in (self.proxy and self.proxy.stop, self.images and self.images.stop,
-                       self.redis and self.redis.aclose):
+                       self.upsampler and self.upsampler.stop, self.redis and self.redis.aclose):
             if closer:
                 try:
                     await closer()

@@ -72,6 +72,9 @@ def build_parser(prog: str = "python -m chaos.run") -> argparse.ArgumentParser:
     parser.add_argument("--second-worker", default="processor", choices=[*STAGES, "none"],
                         help="the stage that runs a second worker for a while (processor; a second gateway "
                              "shares the first's port)")
+    parser.add_argument("--upscaler", default="local", choices=["local", "upsampler"],
+                        help="the processor's backend: local (Pillow) or upsampler (the paid API's path, against "
+                             "the fake Upsampler server of tests/support; checks one paid upscale per job)")
     parser.add_argument("--no-redis-kill", action="store_true", help="do not SIGKILL Redis")
     parser.add_argument("--no-kafka-restart", action="store_true", help="do not restart the broker")
     parser.add_argument("--session-timeout", type=float, default=6.0,
@@ -116,7 +119,7 @@ def config_from(args: argparse.Namespace) -> ChaosConfig:
         second_worker="" if args.second_worker == "none" else args.second_worker,
         redis_kill=not args.no_redis_kill, kafka_restart=not args.no_kafka_restart,
         session_timeout=args.session_timeout, settle_timeout=args.settle_timeout, port_range=args.port_range,
-        run_dir=out.with_suffix(""), keep_data=args.keep_data,
+        run_dir=out.with_suffix(""), keep_data=args.keep_data, upscaler=args.upscaler,
         extra_env=dict(item.split("=", 1) for item in args.stage_env), say=say)
 
 

@@ -49,7 +49,7 @@ async def processor(stage_env, upsampler, tmp_path_factory, checkout, gateway):
 @pytest.fixture(autouse=True)
 def default_script(upsampler):
     upsampler.script(latency=0.05, fail_submits_with=[], outcome="SUCCESS", callback=True, result="normal",
-                     callback_first=False)
+                     callback_first=False, answer_after=0.0)
 
 
 def submissions_for(upsampler, image_url: str) -> list[dict]:
@@ -171,6 +171,27 @@ async def test_killed_after_the_submission_is_recorded_it_completes_once_without
     job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
     assert await asyncio.to_thread(processor.wait_exit, 120) == 137
     assert (await table.get(job.job_id)).status is S.PROCESSING
+    processor.start()
+    await wait_status(table, job.job_id, S.COMPLETED, timeout=90)
+    assert len(submissions_for(upsampler, url)) == 1
+
+
+async def test_stopped_while_a_submission_is_unanswered_it_is_recorded_and_never_made_again(
+        processor, upsampler, images, producer, table, http, gateway):
+    """SIGTERM (a deploy) while Upsampler has accepted a job but not answered yet: the
+    worker's stop waits for the messages in hand (Faust's "wait for streams"), so the
+    submission is answered and recorded before it leaves, and the next owner of
+    jobs.pending finds the job processing and submits nothing. Cut off, it would
+    have been submitted again: a second paid upscale."""
+    upsampler.script(answer_after=5)
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    await eventually(lambda: submissions_for(upsampler, url), timeout=60)
+    assert submissions_for(upsampler, url)[0]["answered"] is None  # in flight
+    await asyncio.to_thread(processor.stop)  # SIGTERM; SIGKILL after 20 s
+    # Recorded before it left: a cancelled submission left the job pending.
+    assert (await table.get(job.job_id)).status is S.PROCESSING
+    upsampler.script(answer_after=0.0)
     processor.start()
     await wait_status(table, job.job_id, S.COMPLETED, timeout=90)
     assert len(submissions_for(upsampler, url)) == 1

@@ -14,6 +14,8 @@ and check credits; an input that cannot be fetched or read is answered 400.
 A job is IN_QUEUE for half of ``latency``, IN_PROGRESS for the other half, then
 final. Per test, ``script(...)`` sets:
   latency            seconds from submit to the final status
+  answer_after       seconds a submit waits, the job already accepted (and paid), before
+                     its answer: a client stopped meanwhile has a job it does not know of
   fail_submits_with  HTTP statuses answered to the next submits, in order (429 carries Retry-After)
   outcome            "SUCCESS" or "FAILED" (with ``error``)
   callback           False: no callback (the processor must poll)
@@ -54,6 +56,7 @@ class Script:
     error: str = "Upscaling failed"
     callback: bool = True
     callback_first: bool = False  # finish and call back before answering the submit
+    answer_after: float = 0.0
     result: str = "normal"
 
 
@@ -166,6 +169,8 @@ class FakeUpsampler:
                       script=replace(script, fail_submits_with=[]), source=source,
                       credit_cost=max(1, math.ceil(output_mp / 4)))
         self.jobs[job.id] = job
+        if script.answer_after:
+            await asyncio.sleep(script.answer_after)
         if script.callback_first:
             # The race a fast real API can produce: the callback lands before the
             # client has even seen the job's id.

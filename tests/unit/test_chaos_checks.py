@@ -8,10 +8,11 @@ import uuid
 
 import pytest
 
-from chaos.checks import (BAD_PATH, GOOD_PATH, Event, JobRecord, StripeCall, Transition, check_checkout_sessions,
-                          check_announced, check_dead_letters, check_drained, check_events, check_final_states, check_histories,
-                          check_none_lost, check_none_stuck, check_ready_emails, check_refund_emails, check_refunds,
-                          parse_message_id, run_checks)
+from chaos.checks import (BAD_PATH, GOOD_PATH, REFUSED_PATH, Event, JobRecord, StripeCall, Transition,
+                          check_announced, check_checkout_sessions, check_dead_letters, check_drained, check_events,
+                          check_final_states, check_histories, check_none_lost, check_none_stuck, check_ready_emails,
+                          check_refund_emails, check_refunds, check_upscaler_submissions, parse_message_id,
+                          run_checks)
 
 
 def _history(job_id: str, path: tuple[str, ...]) -> tuple[Transition, ...]:
@@ -161,6 +162,14 @@ def test_a_history_off_the_expected_path_is_caught(run):
     assert not check.ok and check.counts["off_path"] == 1
 
 
+def test_a_bad_job_refused_at_the_submission_is_on_the_expected_path_only_when_told(run):
+    bad = run.jobs[3]
+    refused = [*run.jobs[:3], dataclasses.replace(bad, history=_history(bad.job_id, REFUSED_PATH))]
+    assert not check_histories(run.requests, refused).ok  # the local backend fails it in processing
+    assert check_histories(run.requests, refused, REFUSED_PATH).ok
+    assert not check_histories(run.requests, run.jobs, REFUSED_PATH).ok
+
+
 def test_a_lost_request_and_a_doubled_job_are_caught(run):
     assert not check_none_lost({**run.requests, "req-lost": False}, run.jobs).ok
     twin = dataclasses.replace(run.jobs[0], job_id=str(uuid.uuid4()))
@@ -224,6 +233,32 @@ def test_a_transition_or_refund_never_announced_is_caught(run, topic):
     assert check.examples == [f"job {bad.job_id}: no event on {topic}"]
     # Another job's event on that topic does not stand in for it.
     assert not check_announced(run.jobs, kept + [Event(topic, run.jobs[0].job_id, "x")]).ok
+
+
+def with_upscales(run) -> tuple[list, list[str]]:
+    """The run's jobs, each holding an upscale the upscaler accepted (the bad one
+    failed at the submission: it holds none)."""
+    jobs = [dataclasses.replace(j, upscaler_job_id=None if j.status == "failed" else f"ups-{n}")
+            for n, j in enumerate(run.jobs)]
+    return jobs, [j.upscaler_job_id for j in jobs if j.upscaler_job_id]
+
+
+def test_one_accepted_upscale_per_job_passes_and_an_unused_one_is_counted(run):
+    jobs, accepted = with_upscales(run)
+    check = check_upscaler_submissions(jobs, accepted)
+    assert check.ok and check.counts == {"accepted": 3, "jobs": 3, "unused": 0, "problems": 0}
+    resubmitted = check_upscaler_submissions(jobs, accepted + ["ups-orphan"])  # a kill before the record
+    assert resubmitted.ok and resubmitted.counts["unused"] == 1
+    assert run.checks(upscaler_jobs=accepted, jobs=jobs)["one paid upscale per job"].ok
+
+
+def test_a_completed_job_without_an_accepted_upscale_or_one_upscale_for_two_jobs_is_caught(run):
+    jobs, accepted = with_upscales(run)
+    never = check_upscaler_submissions(jobs, accepted[1:])
+    assert not never.ok and "never accepted" in never.examples[0]
+    shared = [dataclasses.replace(jobs[1], upscaler_job_id=jobs[0].upscaler_job_id), jobs[0], *jobs[2:]]
+    check = check_upscaler_submissions(shared, accepted)
+    assert not check.ok and check.examples == [f"upscaler job {jobs[0].upscaler_job_id} held by 2 jobs"]
 
 
 def test_dead_letters_and_lag_are_caught():

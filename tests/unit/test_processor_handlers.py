@@ -141,13 +141,18 @@ async def test_redis_away_after_a_submission_records_it_and_never_submits_again(
     assert [(topic, key) for topic, key, _ in published] == [(JOBS_PROCESSING.name, JOB_ID)]
 
 
-async def test_a_redelivered_pending_of_a_processing_job_announces_it_again_and_submits_nothing(tmp_path: Path):
-    job = pending_job().model_copy(update={"status": JobStatus.PROCESSING, "attempts": 2, "upsampler_job_id": "ups-7",
+@pytest.mark.parametrize("status, outcome", [(JobStatus.PROCESSING, "processing: event published again"),
+                                             (JobStatus.COMPLETED, "nothing to do: job is completed")])
+async def test_a_redelivered_pending_of_a_started_job_announces_processing_again_and_submits_nothing(
+        tmp_path: Path, status, outcome):
+    # Completed: the Upsampler callback (another topic) finished the job before the
+    # redelivery, and the processing event may still be missing (found by chaos).
+    job = pending_job().model_copy(update={"status": status, "attempts": 2, "upsampler_job_id": "ups-7",
                                            "processing_started_at": T0})
     table, published, upsampler = OneJobTable(job), Published(), CountingUpsampler()
     processor = remote_processor(tmp_path, table, published, upsampler)
-    outcome = await processor.on_pending(JobEvent.new("pending", JOB_ID, occurred_at=T0).model_dump_json().encode())
-    assert outcome == "processing: event published again"
+    assert await processor.on_pending(JobEvent.new("pending", JOB_ID, occurred_at=T0).model_dump_json().encode()) \
+        == outcome
     assert upsampler.submitted == [] and table.writes == []
     [(topic, key, event)] = published
     assert (topic, key) == (JOBS_PROCESSING.name, JOB_ID)

@@ -92,18 +92,23 @@ def cut_redis_once_accepted(sink: SmtpSink, relay: CuttableRelay) -> threading.E
     return done
 
 
+async def handled_as_a_stage_would(stage: str, topic: str, event: JobEvent, handle) -> str | None:
+    """``handle`` (a stage method taking the message's value) run on ``event`` by the
+    stage's own retry loop: None if handled, else why it would be dead-lettered."""
+    message = SourceMessage(topic, 0, 1, event.job_id.encode(), event.model_dump_json().encode())
+    return await asyncio.wait_for(run_with_retries(stage, message, value_of(handle), RetryPolicy()), timeout=60)
+
+
 async def test_redis_cut_as_the_email_is_accepted_sends_it_once_and_records_it_when_back(
         relay, table, sink, caplog):
     job = await make_job(table, S.COMPLETED)
     cut = cut_redis_once_accepted(sink, relay)
     mailer = Mailer.from_url(sink.url)
     notifier = Notifier(table, mailer, CONFIG)
-    event = JobEvent.new("completed", job.job_id, attempt=1)
-    message = SourceMessage(JOBS_COMPLETED.name, 0, 1, job.job_id.encode(), event.model_dump_json().encode())
     caplog.set_level(logging.INFO)
     try:
-        reason = await asyncio.wait_for(
-            run_with_retries("notifier", message, value_of(notifier.on_completed), RetryPolicy()), timeout=60)
+        reason = await handled_as_a_stage_would("notifier", JOBS_COMPLETED.name,
+                                                JobEvent.new("completed", job.job_id, attempt=1), notifier.on_completed)
     finally:
         await mailer.close()
     assert reason is None  # handled, not dead-lettered
@@ -135,12 +140,10 @@ async def test_redis_cut_as_upsampler_answers_the_job_is_submitted_once_and_reco
                                  timeout=timedelta(minutes=10), submit_retries=3, max_result_bytes=10 ** 6)
         published = Published()
         processor = Processor(table, published, config, remote=client)
-        event = JobEvent.new("pending", job.job_id)
-        message = SourceMessage(JOBS_PENDING.name, 0, 1, job.job_id.encode(), event.model_dump_json().encode())
         caplog.set_level(logging.INFO)
         try:
-            reason = await asyncio.wait_for(
-                run_with_retries("processor", message, value_of(processor.on_pending), RetryPolicy()), timeout=60)
+            reason = await handled_as_a_stage_would("processor", JOBS_PENDING.name,
+                                                    JobEvent.new("pending", job.job_id), processor.on_pending)
         finally:
             await processor.close()
             await images.stop()

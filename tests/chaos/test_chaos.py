@@ -3,7 +3,9 @@ process, on a stack of the test's own (never the shared one: the run kills Redis
 and restarts Kafka), while stage processes are SIGKILLed every few seconds, a
 second processor joins and is killed, Redis is SIGKILLed and restarts from its
 AOF, and the broker restarts. Then every exactly-once check of chaos/checks.py
-must hold. `make chaos` is the same run with 2,000 jobs."""
+must hold. It runs twice: with the local upscaler, and on the paid Upsampler path
+(the fake Upsampler server), where one paid upscale per job is checked too.
+`make chaos` is the same run with 2,000 jobs."""
 
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from chaos.driver import ChaosConfig, ChaosRun
 JOBS = 150
 
 
-@pytest.fixture(scope="module")
-async def chaos_results(tmp_path_factory):
+@pytest.fixture(scope="module", params=["local", "upsampler"])
+async def chaos_results(request, tmp_path_factory):
     lines: list[str] = []
     run_dir = tmp_path_factory.mktemp("chaos")
 
@@ -29,7 +31,7 @@ async def chaos_results(tmp_path_factory):
 
     config = ChaosConfig(jobs=JOBS, seed=7, bad_fraction=0.1, publish_seconds=40, kill_every=(4.0, 7.0),
                          second_worker="processor", settle_timeout=150, ready_timeout=180, run_dir=run_dir,
-                         say=say)
+                         say=say, upscaler=request.param)
     results = await ChaosRun(config).run()
     (config.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     results["_output"] = "\n".join(lines[-40:])
@@ -55,6 +57,8 @@ async def test_every_job_ended_where_it_should_with_exactly_once_effects(chaos_r
     failed = {c["name"]: (c["summary"], c["examples"]) for c in chaos_results["checks"] if not c["ok"]}
     assert failed == {}, f"{failed}\n{chaos_results['_output']}"
     counts = chaos_results["counts"]
+    upscales = [c for c in chaos_results["checks"] if c["name"] == "one paid upscale per job"]
+    assert len(upscales) == (chaos_results["config"]["upscaler"] == "upsampler")
     assert counts["jobs"] == JOBS
     assert counts["statuses"] == {"completed": JOBS - 15, "failed": 15}
 

@@ -17,7 +17,8 @@ class CuttableRelay:
         self.cut_count = 0  # connections dropped or refused while cut
         self._is_cut = False
         self._server: asyncio.AbstractServer | None = None
-        self._open: set[asyncio.StreamWriter] = set()
+        # Each relayed connection: its client's side and its server's side.
+        self._open: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
 
     async def start(self) -> CuttableRelay:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -31,9 +32,10 @@ class CuttableRelay:
 
     def cut(self) -> None:
         self._is_cut = True
-        for writer in list(self._open):
-            writer.transport.abort()
-            self.cut_count += 1
+        for sides in self._open:
+            for writer in sides:
+                writer.transport.abort()
+        self.cut_count += len(self._open)
         self._open.clear()
 
     def mend(self) -> None:
@@ -44,13 +46,18 @@ class CuttableRelay:
             self.cut_count += 1
             client_writer.transport.abort()
             return
-        server_reader, server_writer = await asyncio.open_connection(*self.target)
-        self._open |= {client_writer, server_writer}
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*self.target)
+        except OSError:  # the server itself is away: the client sees its connection close
+            client_writer.transport.abort()
+            return
+        sides = (client_writer, server_writer)
+        self._open.add(sides)
         try:
             await asyncio.gather(_pipe(client_reader, server_writer), _pipe(server_reader, client_writer))
         finally:
-            for writer in (client_writer, server_writer):
-                self._open.discard(writer)
+            self._open.discard(sides)
+            for writer in sides:
                 writer.transport.abort()
 
 

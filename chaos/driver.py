@@ -230,9 +230,12 @@ class ChaosRun:
     def _upscaler_env(self) -> dict[str, str]:
         if self.upsampler is None:
             return {"UPSCALER": "local"}
-        # A callback lost to a killed gateway is made up for by polling, soon.
+        # A callback lost to a killed gateway is made up for by polling, soon; a
+        # submission in doubt after a kill waits 10 s for its callback (the fake calls
+        # back at once) before it is made again.
         return {"UPSCALER": "upsampler", "UPSAMPLER_BASE_URL": self.upsampler.base_url,
-                "UPSAMPLER_API_KEY": UPSAMPLER_API_KEY, "UPSAMPLER_POLL_AFTER_SECONDS": "5"}
+                "UPSAMPLER_API_KEY": UPSAMPLER_API_KEY, "UPSAMPLER_POLL_AFTER_SECONDS": "5",
+                "UPSAMPLER_IN_DOUBT_WAIT_SECONDS": "10"}
 
     async def _start_stages(self) -> None:
         env = self.stage_env()

@@ -19,7 +19,7 @@ INT_FIELDS = frozenset({
 TIME_FIELDS = frozenset({
     "created_at", "updated_at", "paid_at", "processing_started_at", "completed_at", "failed_at",
     "refunded_at", "download_expires_at", "download_expired_at", "payment_failed_at",
-    "abandoned_at",
+    "abandoned_at", "submit_started_at",
 })
 # Fields the table manages itself; update() refuses them (status moves only through
 # transition(), tokens only through issue_download_token()).
@@ -50,6 +50,9 @@ class Job(BaseModel):
     cancel_url: str | None = None
     upsampler_job_id: str | None = None
     callback_token_hash: str | None = None
+    # When a submission to Upsampler began and its outcome is not recorded yet: a
+    # redelivery finding it set cannot know whether Upsampler took the job.
+    submit_started_at: datetime | None = None
     upscaled_url: str | None = None
     upscaled_file_path: str | None = None
     stripe_checkout_session_id: str | None = None

@@ -110,6 +110,8 @@ def deadlines_left_by(target: JobStatus) -> tuple[Deadline, ...]:
 # record's longest field (a real Stripe URL runs to 300-400 characters).
 FIELD_STATUS: dict[str, JobStatus] = {
     "checkout_url": JobStatus.AWAITING_PAYMENT,
+    # A submission in doubt is a pending job's question (services/processor).
+    "submit_started_at": JobStatus.PENDING,
 }
 
 

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # reason upsampler_timeout once it has been processing for the timeout.
     upsampler_poll_after_seconds: float = Field(120, gt=0)
     upsampler_timeout_minutes: float = Field(30, gt=0)
+    # A submission cut off by a crash before its answer was recorded: how long the
+    # job waits for a callback from it (Upsampler may have taken it) before it is
+    # submitted again, a second paid upscale if the first did reach Upsampler.
+    upsampler_in_doubt_wait_seconds: float = Field(120, gt=0)
     upscaler_submit_retries: int = Field(6, ge=0)
     processor_tick_seconds: float = Field(5, gt=0)
     # Processes of the local upscaler's Pillow pool; 0 = one per CPU core.

@@ -5,6 +5,12 @@ Idempotent under redelivery, crash and restart:
   atomic transition that moves the job to ``processing``; a redelivered
   ``jobs.pending`` finds the job past ``pending`` and submits nothing; Redis away
   between the submission and its record is waited out, not a second submission;
+- a submission cut off by a crash before its answer was recorded is in doubt
+  (``submit_started_at`` set, the job still ``pending``): Upsampler may have taken
+  it, and Upsampler has no idempotency key nor a lookup. The redelivery waits for
+  its callback (``in_doubt_wait``) instead of paying for a second upscale, and a
+  callback for a pending job adopts the upscaler job it names; only when none comes
+  is the job submitted again;
 - a result completes the job once (compare-and-set on ``processing`` and the event
   id); callbacks for an upscaler job that is not the job's current one are ignored;
 - transient errors never block the partition: a failed submit is retried from a
@@ -65,6 +71,13 @@ class ProcessorConfig:
     timeout: timedelta
     submit_retries: int
     max_result_bytes: int
+    in_doubt_wait: timedelta = timedelta(minutes=2)
+    # Submissions made at once. Each is marked in doubt before it leaves, so a crash
+    # leaves at most this many jobs waiting for a callback; without a limit a batch
+    # of 256 pending jobs was marked while most waited for one of aiohttp's 100
+    # connections (a chaos run: 166 jobs waited, 1 of them had reached Upsampler).
+    # Upsampler itself allows about 60 a minute.
+    submits_in_flight: int = 16
     tick_batch: int = 100
 
 
@@ -83,6 +96,7 @@ class Processor:
         self.resolver = resolver
         self.clock = clock
         self.sleep = sleep
+        self._submitting = asyncio.Semaphore(config.submits_in_flight)
         # Upsampler results are downloaded through one session: a session per download
         # cost a new client, connector and TCP connection per job.
         self._results_session = SharedImageSession()
@@ -99,7 +113,12 @@ class Processor:
         event = parse_message(JobEvent, raw)
         return await self.start(await self._job(event.job_id))
 
-    async def start(self, job: Job, *, operator_retry: bool = False) -> str:
+    async def start(self, job: Job, *, operator_retry: bool = False, resubmit_in_doubt: bool = False) -> str:
+        if (job.status is JobStatus.PENDING and job.submit_started_at is not None and self.remote is not None
+                and not resubmit_in_doubt):
+            waited = await self._wait_for_submission_in_doubt(job)
+            if waited:
+                return waited
         if job.status is JobStatus.PENDING or (operator_retry and job.status is JobStatus.FAILED):
             try:
                 await vet_url(job.image_url, self.config.allow, self.resolver)
@@ -127,13 +146,20 @@ class Processor:
         return f"nothing to do: job is {job.status}"
 
     async def _submit(self, job: Job, *, operator_retry: bool) -> str:
+        async with self._submitting:
+            return await self._submit_now(job, operator_retry=operator_retry)
+
+    async def _submit_now(self, job: Job, *, operator_retry: bool) -> str:
         token = secrets.token_urlsafe(32)
         callback = f"{self.config.public_base_url.rstrip('/')}/webhooks/upsampler/{token}"
         # The token's hash is stored before the submission: a fast upscaler may call
         # back before the submission is recorded, and the gateway must know the token.
-        if not await self.table.update(job.job_id, {"callback_token_hash": hash_token(token)},
+        # The moment marks the submission in doubt until its answer is recorded.
+        if not await self.table.update(job.job_id, {"callback_token_hash": hash_token(token),
+                                                    "submit_started_at": self.clock()},
                                        expect_status=[job.status]):
             return "not submitted: the job moved on meanwhile"
+        crash_point("processor.before_submit")
         try:
             submission = await self.remote.submit(job.image_url, resolution_factor(job.resolution), callback)
         except PermanentError as exc:
@@ -145,6 +171,7 @@ class Processor:
                 raise  # the command is retried inline, then dead-lettered with the reason
             return await self._retry_later(job, exc)
         metrics.upscaler_request("upsampler", "accepted")
+        crash_point("processor.after_submit")
         # Submitted, and paid for: an outage now must not have the handler submit
         # again (Upsampler takes no idempotency key). Repeating the record is safe:
         # the same event id makes the transition a duplicate and publishes it again.
@@ -176,13 +203,29 @@ class Processor:
                                        "failed_at": None}) if result.applied else None
         return f"processing ({result.outcome}, attempt {attempt})", moved
 
+    async def _wait_for_submission_in_doubt(self, job: Job) -> str | None:
+        """A redelivered jobs.pending (or a due retry) for a job whose submission was
+        cut off before its answer was recorded: Upsampler may have taken it. Until
+        ``in_doubt_wait`` after it began, the job waits for that submission's callback
+        (on_upscaler_event adopts it) under a retry deadline, and this returns what was
+        done; after it, None: submit again."""
+        resubmit_at = job.submit_started_at + self.config.in_doubt_wait
+        if self.clock() >= resubmit_at:
+            log.info("job %s: no callback from the submission in doubt; submitting again", job.job_id)
+            return None
+        await self.table.update(job.job_id, {}, expect_status=[JobStatus.PENDING],
+                                deadlines={Deadline.RETRY: resubmit_at})
+        return f"submission in doubt: waiting for its callback until {resubmit_at.isoformat()}"
+
     async def _retry_later(self, job: Job, exc: TransientError) -> str:
         failures = job.submit_failures + 1
         if failures > self.config.submit_retries:
             return await self._fail(job, f"upscaler unavailable after {failures} attempts: {exc}")
         backoff = min(300.0, 2.0 * 2 ** failures) * (0.5 + random.random() / 2)
         delay = max(backoff, getattr(exc, "retry_after", None) or 0.0)
-        await self.table.update(job.job_id, {"submit_failures": failures}, expect_status=[JobStatus.PENDING],
+        # Answered with an error, so not in doubt: the retry submits at once.
+        await self.table.update(job.job_id, {"submit_failures": failures}, clear=["submit_started_at"],
+                                expect_status=[JobStatus.PENDING],
                                 deadlines={Deadline.RETRY: self.clock() + timedelta(seconds=delay)})
         log.info("job %s: upscaler unavailable (%s); retry %d in %.0fs", job.job_id, exc, failures, delay)
         return f"retry {failures} scheduled"
@@ -220,10 +263,23 @@ class Processor:
         event = parse_message(UpscalerEvent, raw)
         job = await self._job(event.job_id)
         if job.upsampler_job_id != event.id:
-            if job.status in (JobStatus.PENDING, JobStatus.FAILED):
-                # Its submission may be in flight, not recorded yet: try again shortly.
+            if job.status is JobStatus.PENDING and self.remote is not None:
+                # From a submission not recorded yet: one still in flight (the callback
+                # beat its answer), or one in doubt after a crash. The gateway found the
+                # job by the callback token it was given, so the upscale is this job's:
+                # adopt it rather than pay for another. The submission's own record, if
+                # it comes, is the same transition (same attempt and event id).
+                outcome, moved = await self._to_processing(job, event.id, callback_token_hash=job.callback_token_hash,
+                                                           watch_after=self.config.poll_after)
+                log.info("job %s: adopted upscaler job %s from its callback (%s)", job.job_id, event.id, outcome)
+                job = moved or await self._job(event.job_id)
+                if job.upsampler_job_id != event.id:
+                    return "ignored: not the job's current upscaler job"
+            elif job.status is JobStatus.FAILED:
+                # An operator's retry may be in flight, not recorded yet: try again shortly.
                 raise TransientError(f"upscaler event {event.id} arrived before its submission was recorded")
-            return "ignored: not the job's current upscaler job"
+            else:
+                return "ignored: not the job's current upscaler job"
         if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
             # This very event may have finished the job, and the worker died between
             # the table write and the publish: the redelivery publishes it.
@@ -317,7 +373,9 @@ class Processor:
             return "not the processor's command"
         job = await self._job(command.job_id)
         if job.status is JobStatus.PENDING:
-            return await self.start(job)  # a stuck pending job, kicked again
+            # A stuck pending job, kicked again; one whose submission is in doubt keeps
+            # waiting for that submission's callback, unless forced.
+            return await self.start(job, resubmit_in_doubt=command.force)
         if job.status is not JobStatus.FAILED:
             raise PermanentError(f"retry refused: job {job.job_id} is {job.status}, not failed")
         if job.refund_id and not command.force:

@@ -197,6 +197,47 @@ async def test_stopped_while_a_submission_is_unanswered_it_is_recorded_and_never
     assert len(submissions_for(upsampler, url)) == 1
 
 
+async def test_killed_before_the_submission_is_answered_it_waits_for_the_callback_and_pays_once(
+        processor, upsampler, images, producer, table, http, gateway):
+    """SIGKILL right after Upsampler took the job, before the answer was recorded: the
+    job stays pending with its submission in doubt. The restarted processor does not
+    submit again (a second paid upscale); the callback of the first submission,
+    which the gateway knows by its token, completes the job with that upscale."""
+    processor.kill()
+    processor.start(SMI_CRASH_AT="processor.after_submit", UPSAMPLER_IN_DOUBT_WAIT_SECONDS="120")
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    assert await asyncio.to_thread(processor.wait_exit, 120) == 137
+    in_doubt = await table.get(job.job_id)
+    assert in_doubt.status is S.PENDING and in_doubt.submit_started_at is not None
+    [submitted] = submissions_for(upsampler, url)
+    processor.start(UPSAMPLER_IN_DOUBT_WAIT_SECONDS="120")
+    done = await wait_status(table, job.job_id, S.COMPLETED, timeout=90)
+    assert len(submissions_for(upsampler, url)) == 1
+    assert done.upsampler_job_id == submitted["id"] and done.submit_started_at is None
+    assert [h.target for h in await table.history(job.job_id)].count(S.PROCESSING) == 1
+
+
+async def test_killed_before_the_submission_left_it_is_submitted_once_the_wait_is_over(
+        processor, upsampler, images, producer, table, http, gateway):
+    """SIGKILL after the submission was marked, before it left: Upsampler never saw
+    it, so no callback comes. The job waits out the doubt, then is submitted once
+    (by the processor's timer) and completes: not stuck, and not paid twice."""
+    wait = "15"
+    processor.kill()
+    processor.start(SMI_CRASH_AT="processor.before_submit", UPSAMPLER_IN_DOUBT_WAIT_SECONDS=wait)
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    assert await asyncio.to_thread(processor.wait_exit, 120) == 137
+    marked = (await table.get(job.job_id)).submit_started_at
+    processor.start(UPSAMPLER_IN_DOUBT_WAIT_SECONDS=wait)
+    done = await wait_status(table, job.job_id, S.COMPLETED, timeout=120)
+    [submitted] = submissions_for(upsampler, url)
+    # Not before the wait was over (the fake records when each submission came).
+    assert submitted["at"] >= marked.timestamp() + float(wait)
+    assert done.upsampler_job_id == submitted["id"]
+
+
 @pytest.mark.parametrize("outcome, crash_at, status, topic", [
     ("SUCCESS", "processor.after_completed_write", S.COMPLETED, "jobs.completed"),
     ("FAILED", "processor.after_failed_write", S.FAILED, "jobs.failed"),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -77,7 +78,8 @@ class FakeJob:
 class FakeUpsampler:
     def __init__(self, api_key: str = DEFAULT_API_KEY):
         self.api_key = api_key
-        self.submissions: list[dict[str, Any]] = []  # {"body", "authorized", "answered"}
+        # {"body", "authorized", "answered", "at" (time.time() of arrival), "id" (once accepted)}
+        self.submissions: list[dict[str, Any]] = []
         self.status_calls: list[str] = []
         self.callbacks_sent: list[dict[str, Any]] = []  # {"url", "body", "status" or "error"}
         self.jobs: dict[str, FakeJob] = {}
@@ -138,7 +140,8 @@ class FakeUpsampler:
         return request.headers.get("Authorization") == f"Bearer {self.api_key}"
 
     async def _submit(self, request: web.Request) -> web.Response:
-        record: dict[str, Any] = {"body": None, "authorized": self._authorized(request), "answered": None}
+        record: dict[str, Any] = {"body": None, "authorized": self._authorized(request), "answered": None,
+                                  "at": time.time(), "id": None}
         self.submissions.append(record)
         response = await self._accept(request, record)
         record["answered"] = response.status
@@ -169,6 +172,7 @@ class FakeUpsampler:
                       script=replace(script, fail_submits_with=[]), source=source,
                       credit_cost=max(1, math.ceil(output_mp / 4)))
         self.jobs[job.id] = job
+        record["id"] = job.id
         if script.answer_after:
             await asyncio.sleep(script.answer_after)
         if script.callback_first:

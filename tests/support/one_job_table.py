@@ -15,6 +15,7 @@ class OneJobTable:
     def __init__(self, job: Job):
         self.job = job
         self.writes: list[tuple] = []
+        self.deadlines: list[dict] = []  # the deadlines of each update that set any
 
     async def get(self, job_id: str) -> Job:
         assert job_id == self.job.job_id
@@ -30,6 +31,8 @@ class OneJobTable:
     async def update(self, job_id, fields, *, clear=(), expect_status=(), deadlines=None, clear_deadlines=(),
                      now=None) -> bool:
         self.writes.append(("update", dict(fields)))
+        if deadlines:
+            self.deadlines.append(dict(deadlines))
         return True
 
     @property

@@ -4,6 +4,7 @@ against in-memory stand-ins for the job table and Upsampler."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,12 +12,13 @@ from pathlib import Path
 import pytest
 from redis import exceptions as redis_errors
 
-from schemas.events import JobEvent, make_event_id
+from schemas.events import Command, JobEvent, make_event_id
 from schemas.job import Job
-from schemas.status import JobStatus
-from schemas.topics import JOBS_COMPLETED, JOBS_PROCESSING
+from schemas.status import Deadline, JobStatus
+from schemas.topics import JOBS_COMPLETED, JOBS_FAILED, JOBS_PROCESSING
 from schemas.urls import HostAllowList
 from services.processor.handlers import Processor, ProcessorConfig
+from smi.errors import TransientError
 from smi.jobtable import hash_token
 from smi.upscalers.base import Submission
 from tests.support.one_job_table import OneJobTable, Published
@@ -109,11 +111,16 @@ async def public_address(host: str) -> list[str]:
     return ["93.184.215.14"]
 
 
-def remote_processor(tmp_path: Path, table, published, upsampler, **options) -> Processor:
-    config = ProcessorConfig(storage_dir=tmp_path, allow=HostAllowList(), public_base_url="https://shop.example.com",
+def remote_processor(tmp_path: Path, table, published, upsampler, submits_in_flight: int = 16,
+                     **options) -> Processor:
+    config = ProcessorConfig(submits_in_flight=submits_in_flight, storage_dir=tmp_path, allow=HostAllowList(), public_base_url="https://shop.example.com",
                              credit_price_cents=CREDIT_PRICE, poll_after=timedelta(seconds=30),
-                             timeout=timedelta(minutes=10), submit_retries=3, max_result_bytes=10 ** 6)
+                             timeout=timedelta(minutes=10), submit_retries=3, max_result_bytes=10 ** 6,
+                             in_doubt_wait=IN_DOUBT_WAIT)
     return Processor(table, published, config, remote=upsampler, resolver=public_address, clock=lambda: T0, **options)
+
+
+IN_DOUBT_WAIT = timedelta(minutes=2)
 
 
 def pending_job() -> Job:
@@ -159,3 +166,104 @@ async def test_a_redelivered_pending_of_a_started_job_announces_processing_again
     # The first announcement's id and moment: a consumer that got it drops this one.
     assert event.event_id == make_event_id(JOB_ID, "processing", 2) and event.occurred_at == T0
     assert event.data == {"upscaler_job_id": "ups-7", "attempt": 2}
+
+
+# -- a submission in doubt: cut off by a crash before its answer was recorded -------
+
+def pending_msg() -> bytes:
+    return JobEvent.new("pending", JOB_ID, occurred_at=T0).model_dump_json().encode()
+
+
+async def test_a_submission_in_doubt_is_waited_for_not_made_again(tmp_path: Path):
+    started = T0 - timedelta(seconds=30)
+    table = OneJobTable(pending_job().model_copy(update={"submit_started_at": started, "callback_token_hash": "h1"}))
+    published, upsampler = Published(), CountingUpsampler()
+    outcome = await remote_processor(tmp_path, table, published, upsampler).on_pending(pending_msg())
+    assert outcome.startswith("submission in doubt")
+    assert upsampler.submitted == [] and published == [] and table.transitions == []
+    # The processor's timer comes back to it once the wait is over.
+    assert table.deadlines == [{Deadline.RETRY: started + IN_DOUBT_WAIT}]
+
+
+async def test_a_submission_in_doubt_that_never_called_back_is_made_again_after_the_wait(tmp_path: Path):
+    started = T0 - IN_DOUBT_WAIT
+    table = OneJobTable(pending_job().model_copy(update={"submit_started_at": started, "callback_token_hash": "h1"}))
+    published, upsampler = Published(), CountingUpsampler()
+    outcome = await remote_processor(tmp_path, table, published, upsampler).on_pending(pending_msg())
+    assert outcome.startswith("processing (applied")
+    assert len(upsampler.submitted) == 1
+    # A new token, and a new moment of doubt, written before the submission.
+    assert table.writes[0] == ("update", {"callback_token_hash": hash_token(upsampler.submitted[0].rsplit("/", 1)[1]),
+                                          "submit_started_at": T0})
+
+
+def upscaler_event(status: str, upscaler_id: str = "ups-orphan") -> bytes:
+    return json.dumps({"job_id": JOB_ID, "id": upscaler_id, "status": status, "error": "it broke"}).encode()
+
+
+async def test_a_callback_for_a_pending_job_adopts_its_upscaler_job(tmp_path: Path):
+    table = OneJobTable(pending_job().model_copy(update={"submit_started_at": T0, "callback_token_hash": "h1"}))
+    published, upsampler = Published(), CountingUpsampler()
+    processor = remote_processor(tmp_path, table, published, upsampler)
+    assert await processor.on_upscaler_event(upscaler_event("IN_PROGRESS")) == "upscaler reports IN_PROGRESS"
+    [(target, fields)] = table.transitions
+    assert target is JobStatus.PROCESSING
+    assert (fields["upsampler_job_id"], fields["attempts"], fields["callback_token_hash"]) == ("ups-orphan", 1, "h1")
+    [(topic, _, event)] = published
+    # The event id of attempt 1: the in-flight submission's own record, if it comes,
+    # is a duplicate of this transition, not a second one.
+    assert topic == JOBS_PROCESSING.name and event.event_id == make_event_id(JOB_ID, "processing", 1)
+    # Then the redelivered jobs.pending submits nothing.
+    assert await processor.on_pending(pending_msg()) == "processing: event published again"
+    assert upsampler.submitted == []
+
+
+async def test_a_failure_from_an_adopted_upscaler_job_fails_the_job(tmp_path: Path):
+    table = OneJobTable(pending_job().model_copy(update={"submit_started_at": T0}))
+    published = Published()
+    processor = remote_processor(tmp_path, table, published, CountingUpsampler())
+    assert (await processor.on_upscaler_event(upscaler_event("FAILED"))).startswith("failed")
+    assert [target for target, _ in table.transitions] == [JobStatus.PROCESSING, JobStatus.FAILED]
+    assert [topic for topic, _, _ in published] == [JOBS_PROCESSING.name, JOBS_FAILED.name]
+
+
+async def test_a_callback_for_a_failed_job_waits_for_the_operator_retry_being_recorded(tmp_path: Path):
+    table = OneJobTable(pending_job().model_copy(update={"status": JobStatus.FAILED, "upsampler_job_id": "ups-1"}))
+    processor = remote_processor(tmp_path, table, Published(), CountingUpsampler())
+    with pytest.raises(TransientError):
+        await processor.on_upscaler_event(upscaler_event("SUCCESS", "ups-2"))
+    assert table.writes == []
+
+
+@pytest.mark.parametrize("force, submitted", [(False, 0), (True, 1)])
+async def test_an_operator_retry_of_a_job_in_doubt_submits_again_only_when_forced(tmp_path: Path, force, submitted):
+    table = OneJobTable(pending_job().model_copy(update={"submit_started_at": T0, "callback_token_hash": "h1"}))
+    upsampler = CountingUpsampler()
+    processor = remote_processor(tmp_path, table, Published(), upsampler)
+    command = Command(command="retry", job_id=JOB_ID, requested_by="ops", force=force)
+    outcome = await processor.on_command(command.model_dump_json().encode())
+    assert len(upsampler.submitted) == submitted
+    assert outcome.startswith("processing (applied" if force else "submission in doubt")
+
+
+async def test_only_so_many_submissions_are_marked_in_doubt_at_once(tmp_path: Path):
+    """A crash leaves in doubt only the submissions that were in flight: the marker is
+    written once a submission may leave, not while it waits for its turn."""
+    release, entered = asyncio.Event(), []
+
+    class HeldUpsampler(CountingUpsampler):
+        async def submit(self, image_url: str, factor: int, callback_url: str) -> Submission:
+            entered.append(callback_url)
+            await release.wait()
+            return await super().submit(image_url, factor, callback_url)
+
+    table = OneJobTable(pending_job())
+    processor = remote_processor(tmp_path, table, Published(), HeldUpsampler(), submits_in_flight=2)
+    starts = [asyncio.ensure_future(processor.start(pending_job())) for _ in range(5)]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    marked = [w for w in table.writes if w[0] == "update" and "submit_started_at" in w[1]]
+    assert len(entered) == 2 and len(marked) == 2
+    release.set()
+    await asyncio.gather(*starts)
+    assert len(entered) == 5

@@ -153,10 +153,11 @@ def test_deadlines_belong_to_statuses():
     assert set(DEADLINE_STATUS) == set(Deadline)
 
 
-def test_the_checkout_url_is_kept_only_while_the_job_awaits_payment():
-    assert fields_left_by(JobStatus.AWAITING_PAYMENT) == ()
-    for status in set(JobStatus) - {JobStatus.AWAITING_PAYMENT}:
-        assert fields_left_by(status) == ("checkout_url",)
+def test_the_checkout_url_is_kept_only_while_the_job_awaits_payment_and_a_submission_in_doubt_while_pending():
+    assert fields_left_by(JobStatus.AWAITING_PAYMENT) == ("submit_started_at",)
+    assert fields_left_by(JobStatus.PENDING) == ("checkout_url",)
+    for status in set(JobStatus) - {JobStatus.AWAITING_PAYMENT, JobStatus.PENDING}:
+        assert fields_left_by(status) == ("checkout_url", "submit_started_at")
 
 
 def test_abandon_deadline_status_can_be_left_by_the_janitor():

@@ -215,6 +215,7 @@ class Processor:
             return None
         await self.table.update(job.job_id, {}, expect_status=[JobStatus.PENDING],
                                 deadlines={Deadline.RETRY: resubmit_at})
+        metrics.upscaler_request("upsampler", "in_doubt")
         return f"submission in doubt: waiting for its callback until {resubmit_at.isoformat()}"
 
     async def _retry_later(self, job: Job, exc: TransientError) -> str:
@@ -272,6 +273,7 @@ class Processor:
                 outcome, moved = await self._to_processing(job, event.id, callback_token_hash=job.callback_token_hash,
                                                            watch_after=self.config.poll_after)
                 log.info("job %s: adopted upscaler job %s from its callback (%s)", job.job_id, event.id, outcome)
+                metrics.upscaler_request("upsampler", "adopted")
                 job = moved or await self._job(event.job_id)
                 if job.upsampler_job_id != event.id:
                     return "ignored: not the job's current upscaler job"

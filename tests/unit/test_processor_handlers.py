@@ -18,6 +18,7 @@ from schemas.status import Deadline, JobStatus
 from schemas.topics import JOBS_COMPLETED, JOBS_FAILED, JOBS_PROCESSING
 from schemas.urls import HostAllowList
 from services.processor.handlers import Processor, ProcessorConfig
+from smi import metrics
 from smi.errors import TransientError
 from smi.jobtable import hash_token
 from smi.upscalers.base import Submission
@@ -170,6 +171,10 @@ async def test_a_redelivered_pending_of_a_started_job_announces_processing_again
 
 # -- a submission in doubt: cut off by a crash before its answer was recorded -------
 
+def upscaler_count(outcome: str) -> float:
+    return metrics.UPSCALER_REQUESTS.labels("upsampler", outcome)._value.get()
+
+
 def pending_msg() -> bytes:
     return JobEvent.new("pending", JOB_ID, occurred_at=T0).model_dump_json().encode()
 
@@ -178,8 +183,9 @@ async def test_a_submission_in_doubt_is_waited_for_not_made_again(tmp_path: Path
     started = T0 - timedelta(seconds=30)
     table = OneJobTable(pending_job().model_copy(update={"submit_started_at": started, "callback_token_hash": "h1"}))
     published, upsampler = Published(), CountingUpsampler()
+    before = upscaler_count("in_doubt")
     outcome = await remote_processor(tmp_path, table, published, upsampler).on_pending(pending_msg())
-    assert outcome.startswith("submission in doubt")
+    assert outcome.startswith("submission in doubt") and upscaler_count("in_doubt") == before + 1
     assert upsampler.submitted == [] and published == [] and table.transitions == []
     # The processor's timer comes back to it once the wait is over.
     assert table.deadlines == [{Deadline.RETRY: started + IN_DOUBT_WAIT}]
@@ -205,7 +211,9 @@ async def test_a_callback_for_a_pending_job_adopts_its_upscaler_job(tmp_path: Pa
     table = OneJobTable(pending_job().model_copy(update={"submit_started_at": T0, "callback_token_hash": "h1"}))
     published, upsampler = Published(), CountingUpsampler()
     processor = remote_processor(tmp_path, table, published, upsampler)
+    before = upscaler_count("adopted")
     assert await processor.on_upscaler_event(upscaler_event("IN_PROGRESS")) == "upscaler reports IN_PROGRESS"
+    assert upscaler_count("adopted") == before + 1
     [(target, fields)] = table.transitions
     assert target is JobStatus.PROCESSING
     assert (fields["upsampler_job_id"], fields["attempts"], fields["callback_token_hash"]) == ("ups-orphan", 1, "h1")

@@ -73,10 +73,11 @@ class ProcessorConfig:
     max_result_bytes: int
     in_doubt_wait: timedelta = timedelta(minutes=2)
     # Submissions made at once. Each is marked in doubt before it leaves, so a crash
-    # leaves at most this many jobs waiting for a callback; without a limit a batch
-    # of 256 pending jobs was marked while most waited for one of aiohttp's 100
-    # connections (a chaos run: 166 jobs waited, 1 of them had reached Upsampler).
-    # Upsampler itself allows about 60 a minute.
+    # leaves at most this many unanswered (and those answered, not yet recorded)
+    # jobs waiting for a callback; without a limit a batch of 256 pending jobs was
+    # marked while most waited for one of aiohttp's 100 connections (a chaos run:
+    # 166 jobs waited, 1 of them had reached Upsampler). Upsampler itself allows
+    # about 60 a minute.
     submits_in_flight: int = 16
     tick_batch: int = 100
 
@@ -146,30 +147,29 @@ class Processor:
         return f"nothing to do: job is {job.status}"
 
     async def _submit(self, job: Job, *, operator_retry: bool) -> str:
-        async with self._submitting:
-            return await self._submit_now(job, operator_retry=operator_retry)
-
-    async def _submit_now(self, job: Job, *, operator_retry: bool) -> str:
         token = secrets.token_urlsafe(32)
         callback = f"{self.config.public_base_url.rstrip('/')}/webhooks/upsampler/{token}"
-        # The token's hash is stored before the submission: a fast upscaler may call
-        # back before the submission is recorded, and the gateway must know the token.
-        # The moment marks the submission in doubt until its answer is recorded.
-        if not await self.table.update(job.job_id, {"callback_token_hash": hash_token(token),
-                                                    "submit_started_at": self.clock()},
-                                       expect_status=[job.status]):
-            return "not submitted: the job moved on meanwhile"
-        crash_point("processor.before_submit")
-        try:
-            submission = await self.remote.submit(job.image_url, resolution_factor(job.resolution), callback)
-        except PermanentError as exc:
-            metrics.upscaler_request("upsampler", "refused")
-            return await self._fail(job, f"upscaler refused the job: {exc}")
-        except TransientError as exc:
-            metrics.upscaler_request("upsampler", "unavailable")
-            if operator_retry:
-                raise  # the command is retried inline, then dead-lettered with the reason
-            return await self._retry_later(job, exc)
+        # Only the marker and the request hold a slot: a submission waiting for its
+        # turn is not in doubt yet, and one answered is what a crash may leave in doubt.
+        async with self._submitting:
+            # The token's hash is stored before the submission: a fast upscaler may call
+            # back before the submission is recorded, and the gateway must know the
+            # token. The moment marks the submission in doubt until its answer is recorded.
+            if not await self.table.update(job.job_id, {"callback_token_hash": hash_token(token),
+                                                        "submit_started_at": self.clock()},
+                                           expect_status=[job.status]):
+                return "not submitted: the job moved on meanwhile"
+            crash_point("processor.before_submit")
+            try:
+                submission = await self.remote.submit(job.image_url, resolution_factor(job.resolution), callback)
+            except PermanentError as exc:
+                metrics.upscaler_request("upsampler", "refused")
+                return await self._fail(job, f"upscaler refused the job: {exc}")
+            except TransientError as exc:
+                metrics.upscaler_request("upsampler", "unavailable")
+                if operator_retry:
+                    raise  # the command is retried inline, then dead-lettered with the reason
+                return await self._retry_later(job, exc)
         metrics.upscaler_request("upsampler", "accepted")
         crash_point("processor.after_submit")
         # Submitted, and paid for: an outage now must not have the handler submit

@@ -112,7 +112,7 @@ async def public_address(host: str) -> list[str]:
     return ["93.184.215.14"]
 
 
-def remote_processor(tmp_path: Path, table, published, upsampler, submits_in_flight: int = 16,
+def remote_processor(tmp_path: Path, table, published, upsampler, submits_in_flight: int = 100,
                      **options) -> Processor:
     config = ProcessorConfig(submits_in_flight=submits_in_flight, storage_dir=tmp_path, allow=HostAllowList(), public_base_url="https://shop.example.com",
                              credit_price_cents=CREDIT_PRICE, poll_after=timedelta(seconds=30),

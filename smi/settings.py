@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # job waits for a callback from it (Upsampler may have taken it) before it is
     # submitted again, a second paid upscale if the first did reach Upsampler.
     upsampler_in_doubt_wait_seconds: float = Field(120, gt=0)
+    # Submissions to Upsampler in flight at once (each marked in doubt before it
+    # leaves; see services/processor/handlers.py, ProcessorConfig.submits_in_flight).
+    upsampler_submits_in_flight: int = Field(100, ge=1, le=10_000)
     upscaler_submit_retries: int = Field(6, ge=0)
     processor_tick_seconds: float = Field(5, gt=0)
     # Processes of the local upscaler's Pillow pool; 0 = one per CPU core.

@@ -37,6 +37,7 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Processor]:
         poll_after=timedelta(seconds=settings.upsampler_poll_after_seconds),
         timeout=timedelta(minutes=settings.upsampler_timeout_minutes),
         in_doubt_wait=timedelta(seconds=settings.upsampler_in_doubt_wait_seconds),
+        submits_in_flight=settings.upsampler_submits_in_flight,
         submit_retries=settings.upscaler_submit_retries, max_result_bytes=settings.max_result_bytes)
     if settings.upscaler == "local":
         local = LocalUpscaler(storage, allow=allow, max_input_bytes=settings.max_image_bytes,

@@ -72,13 +72,16 @@ class ProcessorConfig:
     submit_retries: int
     max_result_bytes: int
     in_doubt_wait: timedelta = timedelta(minutes=2)
-    # Submissions made at once: as many as the Upsampler client's connections
-    # (aiohttp's default, 100). Each is marked in doubt before it leaves, so a crash
-    # leaves only submissions that held a connection (and those answered, not yet
-    # recorded) waiting for a callback; without a limit a batch of 256 pending jobs
-    # was marked while most queued for a connection (a chaos run: 166 jobs waited, 1
-    # had reached Upsampler). A limit of 16 cut the bench's completions on this path
-    # by 10-25% (fewer callbacks together downstream). Upsampler allows ~60 a minute.
+    # Submissions made at once (UPSAMPLER_SUBMITS_IN_FLIGHT): by default as many as
+    # the Upsampler client's connections (aiohttp's default, 100). Each is marked in
+    # doubt before it leaves, so a crash leaves only the submissions that held a slot
+    # (and those answered, not yet recorded) waiting for a callback; without a limit
+    # a batch of 256 pending jobs was marked while most queued for a connection (a
+    # chaos run: 166 jobs waited, 1 had reached Upsampler). A slot is held through
+    # the marker's Redis write too, so the limit costs throughput against a server
+    # that answers at once: the bench's Upsampler path completed 7-10% fewer jobs a
+    # second with 100 than with none, 10-25% fewer with 16. Upsampler allows about
+    # 60 submissions a minute, so in production the limit is never reached.
     submits_in_flight: int = 100
     tick_batch: int = 100
 

@@ -79,8 +79,8 @@ class ProcessorConfig:
     # a batch of 256 pending jobs was marked while most queued for a connection (a
     # chaos run: 166 jobs waited, 1 had reached Upsampler). A slot is held through
     # the marker's Redis write too, so the limit costs throughput against a server
-    # that answers at once: the bench's Upsampler path completed 7-10% fewer jobs a
-    # second with 100 than with none, 10-25% fewer with 16. Upsampler allows about
+    # that answers at once: the bench's Upsampler path completed 3-15% fewer jobs a
+    # second with 100 than the code before, 6-24% fewer with 16, the same with none. Upsampler allows about
     # 60 submissions a minute, so in production the limit is never reached.
     submits_in_flight: int = 100
     tick_batch: int = 100

@@ -80,8 +80,9 @@ class ProcessorConfig:
     # chaos run: 166 jobs waited, 1 had reached Upsampler). A slot is held through
     # the marker's Redis write too, so the limit costs throughput against a server
     # that answers at once: the bench's Upsampler path completed 3-15% fewer jobs a
-    # second with 100 than the code before, 6-24% fewer with 16, the same with none. Upsampler allows about
-    # 60 submissions a minute, so in production the limit is never reached.
+    # second with 100 than the code before, 6-24% fewer with 16, the same with none.
+    # Upsampler allows about 60 submissions a minute, so in production the limit is
+    # never reached.
     submits_in_flight: int = 100
     tick_batch: int = 100
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from redis import exceptions as redis_errors
 
 from schemas.events import Command, JobEvent, make_event_id
@@ -18,7 +19,6 @@ from schemas.status import Deadline, JobStatus
 from schemas.topics import JOBS_COMPLETED, JOBS_FAILED, JOBS_PROCESSING
 from schemas.urls import HostAllowList
 from services.processor.handlers import Processor, ProcessorConfig
-from smi import metrics
 from smi.errors import TransientError
 from smi.jobtable import hash_token
 from smi.upscalers.base import Submission
@@ -114,7 +114,8 @@ async def public_address(host: str) -> list[str]:
 
 def remote_processor(tmp_path: Path, table, published, upsampler, submits_in_flight: int = 100,
                      **options) -> Processor:
-    config = ProcessorConfig(submits_in_flight=submits_in_flight, storage_dir=tmp_path, allow=HostAllowList(), public_base_url="https://shop.example.com",
+    config = ProcessorConfig(submits_in_flight=submits_in_flight, storage_dir=tmp_path, allow=HostAllowList(),
+                             public_base_url="https://shop.example.com",
                              credit_price_cents=CREDIT_PRICE, poll_after=timedelta(seconds=30),
                              timeout=timedelta(minutes=10), submit_retries=3, max_result_bytes=10 ** 6,
                              in_doubt_wait=IN_DOUBT_WAIT)
@@ -172,7 +173,8 @@ async def test_a_redelivered_pending_of_a_started_job_announces_processing_again
 # -- a submission in doubt: cut off by a crash before its answer was recorded -------
 
 def upscaler_count(outcome: str) -> float:
-    return metrics.UPSCALER_REQUESTS.labels("upsampler", outcome)._value.get()
+    return REGISTRY.get_sample_value("smi_upscaler_requests_total",
+                                     {"backend": "upsampler", "outcome": outcome}) or 0.0
 
 
 def pending_msg() -> bytes:

@@ -5,6 +5,7 @@ are seen on jobs.commands by the session's watcher."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 import pytest
 
@@ -57,7 +58,9 @@ async def test_jobs_are_listed_redacted_filtered_and_ordered(admin, table, http)
     assert {job["status"] for job in body["jobs"]} == {"failed"}
     assert completed.job_id not in ids
     assert ids.index(newer.job_id) < ids.index(older.job_id)  # newest first
-    created = [job["created_at"] for job in body["jobs"]]
+    # As moments, not strings: a whole second is written without its fraction
+    # ("...:05Z"), which sorts after "...:05.040000Z" as text.
+    created = [datetime.fromisoformat(job["created_at"]) for job in body["jobs"]]
     assert created == sorted(created, reverse=True)
     listed = {job["job_id"]: job for job in body["jobs"]}
     assert "email" not in listed[older.job_id] and "download_token_hash" not in listed[older.job_id]

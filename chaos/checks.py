@@ -344,10 +344,10 @@ def check_announced(jobs: Sequence[JobRecord], events: Sequence[Event]) -> Check
 def check_upscaler_submissions(jobs: Sequence[JobRecord], accepted: Sequence[str]) -> Check:
     """Every completed job's upscale is one the upscaler accepted, and no accepted
     upscale serves two jobs. An accepted upscale that no job holds was paid for and
-    not used: after a kill between the submission and its record the job waits for
-    that submission's callback and adopts it, and resubmits only if none came in
-    time (allowed, as an email sent again is; an outage there no longer does, see
-    record_effect)."""
+    not used: after a kill between the submission and its record, or a submission
+    left unanswered (--upsampler-late), the job waits for that submission's callback
+    and adopts it, and resubmits only if none came in time (allowed, as an email
+    sent again is; an outage there no longer does, see record_effect)."""
     accepted_ids = Counter(accepted)
     holders = Counter(j.upscaler_job_id for j in jobs if j.upscaler_job_id)
     problems = [f"job {j.job_id}: completed with upscaler job {j.upscaler_job_id!r}, never accepted"
@@ -357,7 +357,7 @@ def check_upscaler_submissions(jobs: Sequence[JobRecord], accepted: Sequence[str
     submitted_jobs = sum(1 for j in jobs if j.upscaler_job_id and accepted_ids[j.upscaler_job_id])
     return Check("one paid upscale per job", not problems,
                  f"{len(accepted)} upscales accepted for {submitted_jobs} jobs; {unused} held by no job "
-                 "(a kill between the submission and its record, and no callback in time; allowed)",
+                 "(a submission cut off by a kill or left unanswered, and no callback in time; allowed)",
                  {"accepted": len(accepted), "jobs": submitted_jobs, "unused": unused, "problems": len(problems)},
                  _examples(problems))
 

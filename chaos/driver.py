@@ -57,6 +57,7 @@ SHARDS = 16
 PAY_CONCURRENCY = 16
 GOOD_IMAGE, BAD_IMAGE = "/img/8x8.png", "/status/404"
 PUBLISH_OVERRUN = 300.0  # seconds past the window before publishing gives up
+LATE_REQUEST_TIMEOUT_SECONDS, LATE_ANSWER_SECONDS = 1, 3  # --upsampler-late: answered after the timeout
 
 
 class Upstream:
@@ -118,6 +119,9 @@ class ChaosConfig:
     # "local" (Pillow in the processor) or "upsampler": the paid API's path, against
     # the fake Upsampler server of tests/support running in this process.
     upscaler: str = "local"
+    # With "upsampler": the share of submissions the fake answers only after the
+    # processor's request timeout (1 s here): taken and paid for, yet unanswered.
+    upsampler_late: float = 0.0
     say: Callable[[str], None] = print
 
     @property
@@ -195,7 +199,9 @@ class ChaosRun:
             self.sink = SmtpSink().start()
             self.images = await ImageServer().start()
             if cfg.upscaler == "upsampler":
-                self.upsampler = await FakeUpsampler().start()
+                self.upsampler = await FakeUpsampler(seed=cfg.seed).start()
+                if cfg.upsampler_late:
+                    self.upsampler.script(answer_after=LATE_ANSWER_SECONDS, late_fraction=cfg.upsampler_late)
             self.proxy = RecordingStripeProxy(self.stack.stripe_url)
             await self.proxy.start()
             self.redis = connect(self.stack.redis_url)
@@ -214,6 +220,7 @@ class ChaosRun:
                 "kill_every": list(cfg.kill_every), "second_worker": cfg.second_worker, "redis_kill": cfg.redis_kill,
                 "kafka_restart": cfg.kafka_restart, "session_timeout": cfg.session_timeout,
                 "settle_timeout": cfg.settle, "payments": "stripe", "upscaler": cfg.upscaler,
+                "upsampler_late": cfg.upsampler_late,
                 "extra_env": cfg.extra_env}
 
     def stage_env(self) -> dict[str, str]:
@@ -235,7 +242,9 @@ class ChaosRun:
         # back at once) before it is made again.
         return {"UPSCALER": "upsampler", "UPSAMPLER_BASE_URL": self.upsampler.base_url,
                 "UPSAMPLER_API_KEY": UPSAMPLER_API_KEY, "UPSAMPLER_POLL_AFTER_SECONDS": "5",
-                "UPSAMPLER_IN_DOUBT_WAIT_SECONDS": "10"}
+                "UPSAMPLER_IN_DOUBT_WAIT_SECONDS": "10",
+                **({"UPSAMPLER_REQUEST_TIMEOUT_SECONDS": str(LATE_REQUEST_TIMEOUT_SECONDS)}
+                   if self.config.upsampler_late else {})}
 
     async def _start_stages(self) -> None:
         env = self.stage_env()

@@ -75,6 +75,9 @@ def build_parser(prog: str = "python -m chaos.run") -> argparse.ArgumentParser:
     parser.add_argument("--upscaler", default="local", choices=["local", "upsampler"],
                         help="the processor's backend: local (Pillow) or upsampler (the paid API's path, against "
                              "the fake Upsampler server of tests/support; checks one paid upscale per job)")
+    parser.add_argument("--upsampler-late", type=float, default=0.0, metavar="FRACTION",
+                        help="with --upscaler upsampler: the share of submissions the fake answers only after the "
+                             "processor's request timeout (taken and paid for, yet unanswered; 0)")
     parser.add_argument("--no-redis-kill", action="store_true", help="do not SIGKILL Redis")
     parser.add_argument("--no-kafka-restart", action="store_true", help="do not restart the broker")
     parser.add_argument("--session-timeout", type=float, default=6.0,
@@ -101,6 +104,10 @@ def validate(args: argparse.Namespace) -> str | None:
         return "--session-timeout must be between 6 and 300 (what the stages accept)"
     if args.settle_timeout is not None and args.settle_timeout <= 0:
         return "--settle-timeout must be > 0"
+    if not 0 <= args.upsampler_late <= 1:
+        return "--upsampler-late must be between 0 and 1"
+    if args.upsampler_late and args.upscaler != "upsampler":
+        return "--upsampler-late needs --upscaler upsampler"
     if args.kill_every[1] and args.kill_every[0] < 0.5:
         return "--kill-every: at least 0.5 s between kills"
     for item in args.stage_env:
@@ -120,6 +127,7 @@ def config_from(args: argparse.Namespace) -> ChaosConfig:
         redis_kill=not args.no_redis_kill, kafka_restart=not args.no_kafka_restart,
         session_timeout=args.session_timeout, settle_timeout=args.settle_timeout, port_range=args.port_range,
         run_dir=out.with_suffix(""), keep_data=args.keep_data, upscaler=args.upscaler,
+        upsampler_late=args.upsampler_late,
         extra_env=dict(item.split("=", 1) for item in args.stage_env), say=say)
 
 

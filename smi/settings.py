@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     # job waits for a callback from it (Upsampler may have taken it) before it is
     # submitted again, a second paid upscale if the first did reach Upsampler.
     upsampler_in_doubt_wait_seconds: float = Field(120, gt=0)
+    # One request to Upsampler; a submit not answered in time is in doubt, as above.
+    upsampler_request_timeout_seconds: float = Field(30, gt=0, le=600)
     # Submissions to Upsampler in flight at once (each marked in doubt before it
     # leaves; see services/processor/handlers.py, ProcessorConfig.submits_in_flight).
     upsampler_submits_in_flight: int = Field(100, ge=1, le=10_000)

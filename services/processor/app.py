@@ -44,7 +44,8 @@ def build(settings: Settings, **app_overrides) -> tuple[faust.App, Processor]:
                               workers=settings.local_upscaler_workers or os.cpu_count() or 1)
         backend = {"local": local}
     else:
-        backend = {"remote": UpsamplerClient(settings.upsampler_base_url, settings.upsampler_api_key)}
+        backend = {"remote": UpsamplerClient(settings.upsampler_base_url, settings.upsampler_api_key,
+                                             timeout=settings.upsampler_request_timeout_seconds)}
     processor = Processor(table, producer.send, config, clock=clock.now, **backend)
     close_on_stop(app, processor.close)  # its HTTP sessions, and the local backend's worker processes
 

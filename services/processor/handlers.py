@@ -5,12 +5,14 @@ Idempotent under redelivery, crash and restart:
   atomic transition that moves the job to ``processing``; a redelivered
   ``jobs.pending`` finds the job past ``pending`` and submits nothing; Redis away
   between the submission and its record is waited out, not a second submission;
-- a submission cut off by a crash before its answer was recorded is in doubt
+- a submission cut off by a crash before its answer was recorded, or left
+  unanswered (a timeout, a connection lost after it left), is in doubt
   (``submit_started_at`` set, the job still ``pending``): Upsampler may have taken
-  it, and Upsampler has no idempotency key nor a lookup. The redelivery waits for
-  its callback (``in_doubt_wait``) instead of paying for a second upscale, and a
-  callback for a pending job adopts the upscaler job it names; only when none comes
-  is the job submitted again;
+  it, and Upsampler has no idempotency key nor a lookup. The redelivery or the
+  retry waits for its callback (``in_doubt_wait``) instead of paying for a second
+  upscale, and a callback for a pending job adopts the upscaler job it names; only
+  when none comes is the job submitted again. An operator's retry of a failed job
+  is marked the same way;
 - a result completes the job once (compare-and-set on ``processing`` and the event
   id); callbacks for an upscaler job that is not the job's current one are ignored;
 - transient errors never block the partition: a failed submit is retried from a
@@ -160,8 +162,9 @@ class Processor:
             # The token's hash is stored before the submission: a fast upscaler may call
             # back before the submission is recorded, and the gateway must know the
             # token. The moment marks the submission in doubt until its answer is recorded.
+            marked_at = self.clock()
             if not await self.table.update(job.job_id, {"callback_token_hash": hash_token(token),
-                                                        "submit_started_at": self.clock()},
+                                                        "submit_started_at": marked_at},
                                            expect_status=[job.status]):
                 return "not submitted: the job moved on meanwhile"
             crash_point("processor.before_submit")
@@ -169,12 +172,21 @@ class Processor:
                 submission = await self.remote.submit(job.image_url, resolution_factor(job.resolution), callback)
             except PermanentError as exc:
                 metrics.upscaler_request("upsampler", "refused")
+                if operator_retry:  # answered: not in doubt (the job is failed already)
+                    await self._clear_doubt(job)
                 return await self._fail(job, f"upscaler refused the job: {exc}")
             except TransientError as exc:
-                metrics.upscaler_request("upsampler", "unavailable")
-                if operator_retry:
-                    raise  # the command is retried inline, then dead-lettered with the reason
-                return await self._retry_later(job, exc)
+                in_doubt = getattr(exc, "in_doubt", False)
+                metrics.upscaler_request("upsampler", "unanswered" if in_doubt else "unavailable")
+                if not operator_retry:
+                    return await self._retry_later(job, exc, in_doubt_since=marked_at if in_doubt else None)
+                if in_doubt:
+                    # Its callback is adopted if it comes; another retry is refused
+                    # until the wait is over, unless forced (on_command).
+                    until = marked_at + self.config.in_doubt_wait
+                    return f"retry unanswered ({exc}): in doubt until {until.isoformat()}"
+                await self._clear_doubt(job)
+                raise  # the command is retried inline, then dead-lettered with the reason
         metrics.upscaler_request("upsampler", "accepted")
         crash_point("processor.after_submit")
         # Submitted, and paid for: an outage now must not have the handler submit
@@ -208,6 +220,9 @@ class Processor:
                                        "failed_at": None}) if result.applied else None
         return f"processing ({result.outcome}, attempt {attempt})", moved
 
+    async def _clear_doubt(self, job: Job) -> None:
+        await self.table.update(job.job_id, {}, clear=["submit_started_at"], expect_status=[job.status])
+
     async def _wait_for_submission_in_doubt(self, job: Job) -> str | None:
         """A redelivered jobs.pending (or a due retry) for a job whose submission was
         cut off before its answer was recorded: Upsampler may have taken it. Until
@@ -223,17 +238,24 @@ class Processor:
         metrics.upscaler_request("upsampler", "in_doubt")
         return f"submission in doubt: waiting for its callback until {resubmit_at.isoformat()}"
 
-    async def _retry_later(self, job: Job, exc: TransientError) -> str:
+    async def _retry_later(self, job: Job, exc: TransientError, *, in_doubt_since: datetime | None = None) -> str:
+        """Schedule the next submission of a job whose submission failed. Answered
+        with an error, it is not in doubt: the mark goes and the retry submits when
+        due. Unanswered (``in_doubt_since``: a timeout, a connection lost after the
+        request left), Upsampler may have taken it: the mark stays, so its callback
+        is adopted, and the retry comes no sooner than the wait after a crash."""
         failures = job.submit_failures + 1
         if failures > self.config.submit_retries:
             return await self._fail(job, f"upscaler unavailable after {failures} attempts: {exc}")
         backoff = min(300.0, 2.0 * 2 ** failures) * (0.5 + random.random() / 2)
-        delay = max(backoff, getattr(exc, "retry_after", None) or 0.0)
-        # Answered with an error, so not in doubt: the retry submits at once.
-        await self.table.update(job.job_id, {"submit_failures": failures}, clear=["submit_started_at"],
-                                expect_status=[JobStatus.PENDING],
-                                deadlines={Deadline.RETRY: self.clock() + timedelta(seconds=delay)})
-        log.info("job %s: upscaler unavailable (%s); retry %d in %.0fs", job.job_id, exc, failures, delay)
+        retry_at = self.clock() + timedelta(seconds=max(backoff, getattr(exc, "retry_after", None) or 0.0))
+        if in_doubt_since is not None:
+            retry_at = max(retry_at, in_doubt_since + self.config.in_doubt_wait)
+        await self.table.update(job.job_id, {"submit_failures": failures},
+                                clear=[] if in_doubt_since is not None else ["submit_started_at"],
+                                expect_status=[JobStatus.PENDING], deadlines={Deadline.RETRY: retry_at})
+        log.info("job %s: upscaler unavailable (%s)%s; retry %d at %s", job.job_id, exc,
+                 ", the submission in doubt" if in_doubt_since is not None else "", failures, retry_at.isoformat())
         return f"retry {failures} scheduled"
 
     # -- the local backend ------------------------------------------------------------
@@ -269,12 +291,14 @@ class Processor:
         event = parse_message(UpscalerEvent, raw)
         job = await self._job(event.job_id)
         if job.upsampler_job_id != event.id:
-            if job.status is JobStatus.PENDING and self.remote is not None:
-                # From a submission not recorded yet: one still in flight (the callback
-                # beat its answer), or one in doubt after a crash. The gateway found the
-                # job by the callback token it was given, so the upscale is this job's:
-                # adopt it rather than pay for another. The submission's own record, if
-                # it comes, is the same transition (same attempt and event id).
+            if self.remote is not None and (job.status is JobStatus.PENDING or (
+                    job.status is JobStatus.FAILED and job.submit_started_at is not None)):
+                # From a submission not recorded yet (for a failed job: an operator's
+                # retry): one still in flight (the callback beat its answer), or one in
+                # doubt after a crash or a timeout. The gateway found the job by the
+                # callback token it was given, so the upscale is this job's: adopt it
+                # rather than pay for another. The submission's own record, if it
+                # comes, is the same transition (same attempt and event id).
                 outcome, moved = await self._to_processing(job, event.id, callback_token_hash=job.callback_token_hash,
                                                            watch_after=self.config.poll_after)
                 log.info("job %s: adopted upscaler job %s from its callback (%s)", job.job_id, event.id, outcome)
@@ -283,7 +307,7 @@ class Processor:
                 if job.upsampler_job_id != event.id:
                     return "ignored: not the job's current upscaler job"
             elif job.status is JobStatus.FAILED:
-                # An operator's retry may be in flight, not recorded yet: try again shortly.
+                # An operator's retry may be in flight, its mark not yet read: try again shortly.
                 raise TransientError(f"upscaler event {event.id} arrived before its submission was recorded")
             else:
                 return "ignored: not the job's current upscaler job"
@@ -388,6 +412,11 @@ class Processor:
         if job.refund_id and not command.force:
             raise PermanentError(f"retry refused: job {job.job_id} was refunded ({job.refund_id}); "
                                  "send force=true to retry anyway")
+        if job.submit_started_at is not None and not command.force:
+            until = job.submit_started_at + self.config.in_doubt_wait
+            if self.clock() < until:
+                raise PermanentError(f"retry refused: job {job.job_id}'s last retry is in doubt (Upsampler may "
+                                     f"have taken it) until {until.isoformat()}; send force=true to submit again")
         log.info("job %s: retry requested by %s", job.job_id, command.requested_by)
         return await self.start(job, operator_retry=True)
 

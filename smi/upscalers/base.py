@@ -23,11 +23,14 @@ class Submission:
 
 class UpscalerUnavailable(TransientError):
     """Worth retrying later; ``retry_after`` is the server's Retry-After in seconds
-    when it sent one, so a retry loop can wait at least that long."""
+    when it sent one, so a retry loop can wait at least that long. ``in_doubt``: the
+    request may have reached the server all the same (it timed out, or the connection
+    was lost, after it left), so a submit may have been taken and paid for."""
 
-    def __init__(self, reason: str, *, retry_after: float | None = None):
+    def __init__(self, reason: str, *, retry_after: float | None = None, in_doubt: bool = False):
         super().__init__(reason)
         self.retry_after = retry_after
+        self.in_doubt = in_doubt
 
 
 class RemoteUpscaler(Protocol):

@@ -2,8 +2,10 @@
 precise upscale, which keeps the image faithful, and status polling.
 
 Errors: what a retry may cure (timeouts, connection errors, 5xx, 429) raises
-UpscalerUnavailable, a TransientError carrying Retry-After; everything else raises
-PermanentError with a short reason. The API key, the image URL and the callback
+UpscalerUnavailable, a TransientError carrying Retry-After, and marked in doubt when
+the request may have arrived all the same (a timeout or a lost connection after it
+left, a 504 from a gateway in front); everything else raises PermanentError with a
+short reason. The API key, the image URL and the callback
 URL (it holds the per-job secret) never appear in messages or logs."""
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 MAX_FACTOR = 16  # precise-upscale accepts 1..16
 INPUT_IMAGE_TYPE = "universal"
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
+GATEWAY_TIMEOUT = 504
 # Community clients treat these as final whatever the HTTP status says.
 PERMANENT_PHRASES = ("invalid api key", "insufficient credits", "unsupported", "too large")
 MAX_REASON_CHARS = 200
@@ -37,7 +40,10 @@ class UpsamplerClient:
         self._api_key = api_key
         self._session = session
         self._owns_session = session is None
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # Finding a connection (a free one of the pool, or a new one) has half of the
+        # time, and its own error: a request that timed out after that may have been
+        # taken, one that timed out before it never left.
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=timeout / 2)
 
     async def submit(self, image_url: str, factor: int, callback_url: str) -> Submission:
         if not 1 <= factor <= MAX_FACTOR:
@@ -68,10 +74,14 @@ class UpsamplerClient:
                                              timeout=self._timeout, raise_for_status=False, **kwargs) as response:
                 status, raw = response.status, await response.read()
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        except aiohttp.ConnectionTimeoutError:  # no connection (or pool slot) in time: nothing was sent
+            raise UpscalerUnavailable(f"Upsampler {method}: no connection in time") from None
         except TimeoutError:
-            raise UpscalerUnavailable(f"Upsampler {method} timed out") from None
-        except aiohttp.ClientError as exc:
+            raise UpscalerUnavailable(f"Upsampler {method} timed out", in_doubt=True) from None
+        except aiohttp.ClientConnectorError as exc:  # refused, unresolvable: nothing was sent
             raise UpscalerUnavailable(f"Upsampler unreachable: {type(exc).__name__}") from None
+        except aiohttp.ClientError as exc:
+            raise UpscalerUnavailable(f"Upsampler connection lost: {type(exc).__name__}", in_doubt=True) from None
         payload = _json(raw)
         if 200 <= status < 300:
             return payload
@@ -86,7 +96,8 @@ class UpsamplerClient:
         if any(phrase in lowered for phrase in PERMANENT_PHRASES):
             return PermanentError(described)
         if status >= 500 or status in RETRYABLE_STATUSES:
-            return UpscalerUnavailable(described, retry_after=retry_after)
+            # A gateway's timeout says nothing of whether Upsampler behind it took the job.
+            return UpscalerUnavailable(described, retry_after=retry_after, in_doubt=status == GATEWAY_TIMEOUT)
         return PermanentError(described)
 
     def _short(self, text: str) -> str:

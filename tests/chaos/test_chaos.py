@@ -69,6 +69,9 @@ def test_bad_arguments_exit_2_with_a_message(capsys):
     assert chaos_cli.main(["--bad-fraction", "1.5"]) == 2
     assert chaos_cli.main(["--session-timeout", "2"]) == 2
     assert chaos_cli.main(["--stage-env", "no-equals-sign"]) == 2
+    assert chaos_cli.main(["--upsampler-late", "0.1"]) == 2
+    assert "--upsampler-late needs --upscaler upsampler" in capsys.readouterr().err
+    assert chaos_cli.main(["--upscaler", "upsampler", "--upsampler-late", "2"]) == 2
     with pytest.raises(SystemExit) as exit_:
         chaos_cli.main(["--kill-every", "5:1"])
     assert exit_.value.code == 2

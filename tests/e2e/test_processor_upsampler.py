@@ -246,6 +246,24 @@ async def test_killed_before_the_submission_left_it_is_submitted_once_the_wait_i
     assert done.upsampler_job_id == submitted["id"]
 
 
+async def test_a_submission_that_timed_out_is_not_made_again_and_its_callback_completes_the_job(
+        processor, upsampler, images, producer, table, http, gateway):
+    """Upsampler takes the job but answers after the processor gave up waiting (its
+    request timeout): the submission may have been paid for, so the job keeps its
+    mark and waits for the callback, which completes it. Before, a timeout counted
+    as an error answer: the retry (2-4 s later) submitted again, a second paid
+    upscale, and the first one's callback met a replaced token."""
+    processor.start(UPSAMPLER_REQUEST_TIMEOUT_SECONDS="1", UPSAMPLER_IN_DOUBT_WAIT_SECONDS="120")
+    upsampler.script(answer_after=8)
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    done = await wait_status(table, job.job_id, S.COMPLETED, timeout=90)
+    [submitted] = submissions_for(upsampler, url)
+    assert done.upsampler_job_id == submitted["id"]
+    upsampler.script(answer_after=0.0)
+    processor.start()
+
+
 @pytest.mark.parametrize("outcome, crash_at, status, topic", [
     ("SUCCESS", "processor.after_completed_write", S.COMPLETED, "jobs.completed"),
     ("FAILED", "processor.after_failed_write", S.FAILED, "jobs.failed"),

@@ -12,6 +12,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -39,6 +40,7 @@ class Receiver:
         self.received: list[tuple[str, dict]] = []
         self.reply: tuple[int, str, dict[str, str]] | None = None  # status, body, headers
         self.delay = 0.0
+        self.hang_up = False  # drop the connection once the request has arrived
         self._arrived = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -63,6 +65,9 @@ class Receiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         await asyncio.sleep(self.delay)
+        if self.hang_up:
+            request.transport.close()
+            return web.Response()
         if self.reply is not None:
             status, body, headers = self.reply
             return web.Response(status=status, text=body, headers=headers, content_type="application/json")
@@ -347,6 +352,7 @@ async def test_a_factor_outside_the_api_range_is_refused_locally(client, fake, f
      "refused the job: Unsupported image"),
     (500, '{"error": "Image too large for this plan"}', PermanentError, "HTTP 500: Image too large"),
     (503, "<html><body>Service Unavailable</body></html>", UpscalerUnavailable, r"HTTP 503$"),
+    (504, "<html><body>Gateway Timeout</body></html>", UpscalerUnavailable, r"HTTP 504$"),
     (418, '{"message": "short and stout"}', PermanentError, "HTTP 418: short and stout"),
 ])
 async def test_responses_are_classified(receiver, status, body, error, reason):
@@ -358,6 +364,8 @@ async def test_responses_are_classified(receiver, status, body, error, reason):
     finally:
         await canned.close()
     assert isinstance(raised.value, TransientError) == (error is UpscalerUnavailable)
+    # Only a gateway's timeout leaves open whether Upsampler behind it took the job.
+    assert getattr(raised.value, "in_doubt", False) == (status == 504)
 
 
 async def test_an_echoed_api_key_is_scrubbed_from_reasons(receiver):
@@ -379,13 +387,44 @@ async def test_a_timeout_and_a_refused_connection_are_transient(receiver):
         closed_port = probe.getsockname()[1]
     refused = UpsamplerClient(f"http://127.0.0.1:{closed_port}/api/v1", DEFAULT_API_KEY)
     try:
-        with pytest.raises(UpscalerUnavailable, match="timed out"):
+        with pytest.raises(UpscalerUnavailable, match="timed out") as timed_out:
             await slow.status("j1")
-        with pytest.raises(UpscalerUnavailable, match="unreachable"):
+        with pytest.raises(UpscalerUnavailable, match="unreachable") as unreachable:
             await refused.status("j1")
     finally:
         await slow.close()
         await refused.close()
+    # A request that left may have been taken; one that never connected was not.
+    assert timed_out.value.in_doubt and not unreachable.value.in_doubt
+
+
+async def test_a_connection_lost_after_the_request_left_leaves_it_in_doubt(receiver):
+    receiver.hang_up = True
+    dropped = UpsamplerClient(receiver.url, DEFAULT_API_KEY)
+    try:
+        with pytest.raises(UpscalerUnavailable, match="connection lost") as raised:
+            await dropped.submit("https://images.example.com/a.png", 4, "https://hooks.example.com/cb")
+    finally:
+        await dropped.close()
+    assert raised.value.in_doubt
+
+
+async def test_a_request_that_never_got_a_connection_is_not_in_doubt(receiver):
+    """With every connection taken, a submit that times out waiting for one never
+    left: it is retried at once, not waited for as one Upsampler may have taken."""
+    receiver.delay = 5
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+    one_connection = UpsamplerClient(receiver.url, DEFAULT_API_KEY, session=session, timeout=0.5)
+    try:
+        first = asyncio.ensure_future(one_connection.submit("https://images.example.com/a.png", 4, "https://h/cb"))
+        await asyncio.sleep(0.1)  # the first holds the only connection
+        with pytest.raises(UpscalerUnavailable, match="no connection in time") as waited:
+            await one_connection.submit("https://images.example.com/b.png", 4, "https://h/cb")
+        with pytest.raises(UpscalerUnavailable, match="timed out") as sent:
+            await first
+    finally:
+        await session.close()
+    assert not waited.value.in_doubt and sent.value.in_doubt
 
 
 def test_retry_after_takes_seconds_or_an_http_date():

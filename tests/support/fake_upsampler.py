@@ -15,7 +15,10 @@ A job is IN_QUEUE for half of ``latency``, IN_PROGRESS for the other half, then
 final. Per test, ``script(...)`` sets:
   latency            seconds from submit to the final status
   answer_after       seconds a submit waits, the job already accepted (and paid), before
-                     its answer: a client stopped meanwhile has a job it does not know of
+                     its answer: a client stopped meanwhile, or one that gave up waiting,
+                     has a job it does not know of
+  late_fraction      the share of submits that wait ``answer_after`` (1: all; drawn from
+                     the fake's ``seed``)
   fail_submits_with  HTTP statuses answered to the next submits, in order (429 carries Retry-After)
   outcome            "SUCCESS" or "FAILED" (with ``error``)
   callback           False: no callback (the processor must poll)
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import random
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -58,6 +62,7 @@ class Script:
     callback: bool = True
     callback_first: bool = False  # finish and call back before answering the submit
     answer_after: float = 0.0
+    late_fraction: float = 1.0
     result: str = "normal"
 
 
@@ -76,8 +81,9 @@ class FakeJob:
 
 
 class FakeUpsampler:
-    def __init__(self, api_key: str = DEFAULT_API_KEY):
+    def __init__(self, api_key: str = DEFAULT_API_KEY, *, seed: int | None = None):
         self.api_key = api_key
+        self._random = random.Random(seed)
         # {"body", "authorized", "answered", "at" (time.time() of arrival), "id" (once accepted)}
         self.submissions: list[dict[str, Any]] = []
         self.status_calls: list[str] = []
@@ -173,16 +179,20 @@ class FakeUpsampler:
                       credit_cost=max(1, math.ceil(output_mp / 4)))
         self.jobs[job.id] = job
         record["id"] = job.id
-        if script.answer_after:
-            await asyncio.sleep(script.answer_after)
+        late = script.answer_after and (script.late_fraction >= 1 or self._random.random() < script.late_fraction)
+        delay = script.answer_after if late else 0.0
         if script.callback_first:
             # The race a fast real API can produce: the callback lands before the
             # client has even seen the job's id.
+            await asyncio.sleep(delay)
             await self._work(job)
             return web.json_response({k: v for k, v in self._public(job).items() if k != "error" or v is not None})
-        task = asyncio.create_task(self._work(job))
+        # The job is taken: it goes on, and calls back, even if the client hangs up
+        # before the answer (a timeout, a crash), which cancels this handler.
+        task = asyncio.create_task(self._work(job, after=delay))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        await asyncio.sleep(delay)
         return web.json_response({"id": job.id, "status": job.status, "creditCost": job.credit_cost})
 
     async def _download(self, url: str) -> Image.Image:
@@ -200,8 +210,8 @@ class FakeUpsampler:
             raise ValueError("Unsupported image format") from None
         return image
 
-    async def _work(self, job: FakeJob) -> None:
-        await asyncio.sleep(job.script.latency / 2)
+    async def _work(self, job: FakeJob, after: float = 0.0) -> None:
+        await asyncio.sleep(after + job.script.latency / 2)
         job.status = "IN_PROGRESS"
         if job.script.outcome == "SUCCESS":
             job.png, job.jpeg = await asyncio.to_thread(_upscale, job.source, job.factor)

@@ -31,6 +31,7 @@ class OneJobTable:
     async def update(self, job_id, fields, *, clear=(), expect_status=(), deadlines=None, clear_deadlines=(),
                      now=None) -> bool:
         self.writes.append(("update", dict(fields)))
+        self.job = self.job.model_copy(update={**fields, **{name: None for name in clear}})
         if deadlines:
             self.deadlines.append(dict(deadlines))
         return True

@@ -19,9 +19,9 @@ from schemas.status import Deadline, JobStatus
 from schemas.topics import JOBS_COMPLETED, JOBS_FAILED, JOBS_PROCESSING
 from schemas.urls import HostAllowList
 from services.processor.handlers import Processor, ProcessorConfig
-from smi.errors import TransientError
+from smi.errors import PermanentError, TransientError
 from smi.jobtable import hash_token
-from smi.upscalers.base import Submission
+from smi.upscalers.base import Submission, UpscalerUnavailable
 from tests.support.one_job_table import OneJobTable, Published
 
 JOB_ID = "3f1c2a9e-8d4b-4c6a-9f2e-1b7d5e0a4c3d"
@@ -277,3 +277,109 @@ async def test_only_so_many_submissions_are_marked_in_doubt_at_once(tmp_path: Pa
     release.set()
     await asyncio.gather(*starts)
     assert len(entered) == 5
+
+
+# -- a submission that failed: answered with an error, or unanswered ----------------
+
+class FailingUpsampler(CountingUpsampler):
+    """Each submit raises ``error`` (after reaching the server, if it is in doubt)."""
+
+    def __init__(self, error: Exception):
+        super().__init__()
+        self.error = error
+
+    async def submit(self, image_url: str, factor: int, callback_url: str) -> Submission:
+        self.submitted.append(callback_url)
+        raise self.error
+
+
+async def test_a_submission_answered_with_an_error_is_retried_after_a_backoff_and_not_in_doubt(tmp_path: Path):
+    table = OneJobTable(pending_job())
+    upsampler = FailingUpsampler(UpscalerUnavailable("Upsampler HTTP 503", retry_after=7))
+    outcome = await remote_processor(tmp_path, table, Published(), upsampler).on_pending(pending_msg())
+    assert outcome == "retry 1 scheduled"
+    assert table.job.submit_started_at is None and table.job.submit_failures == 1
+    [deadlines] = table.deadlines
+    # Backoff of 2-4 s for a first failure, stretched to the server's Retry-After.
+    assert deadlines[Deadline.RETRY] == T0 + timedelta(seconds=7)
+
+
+async def test_an_unanswered_submission_stays_in_doubt_and_its_callback_is_adopted(tmp_path: Path):
+    """A submit that timed out may have been taken (and paid for): the job keeps its
+    mark and its token, its retry waits as long as after a crash, and the callback
+    of that submission, when it comes, is adopted rather than a second one paid."""
+    table = OneJobTable(pending_job())
+    upsampler = FailingUpsampler(UpscalerUnavailable("Upsampler POST timed out", in_doubt=True))
+    processor = remote_processor(tmp_path, table, Published(), upsampler)
+    before = upscaler_count("unanswered")
+    assert await processor.on_pending(pending_msg()) == "retry 1 scheduled"
+    assert upscaler_count("unanswered") == before + 1
+    token = upsampler.submitted[0].rsplit("/", 1)[1]
+    assert table.job.submit_started_at == T0 and table.job.callback_token_hash == hash_token(token)
+    assert table.deadlines[-1] == {Deadline.RETRY: T0 + IN_DOUBT_WAIT}
+    # The redelivered jobs.pending waits too.
+    assert (await processor.on_pending(pending_msg())).startswith("submission in doubt")
+    assert (await processor.on_upscaler_event(upscaler_event("IN_PROGRESS"))) == "upscaler reports IN_PROGRESS"
+    assert table.job.status is JobStatus.PROCESSING and table.job.upsampler_job_id == "ups-orphan"
+    assert len(upsampler.submitted) == 1
+
+
+async def test_an_unanswered_submission_without_a_callback_is_made_again_once_the_wait_is_over(tmp_path: Path):
+    now = [T0]
+    table = OneJobTable(pending_job())
+    upsampler = FailingUpsampler(UpscalerUnavailable("Upsampler POST timed out", in_doubt=True))
+    processor = remote_processor(tmp_path, table, Published(), upsampler)
+    processor.clock = lambda: now[0]
+    await processor.on_pending(pending_msg())
+    upsampler.error = UpscalerUnavailable("Upsampler HTTP 502")
+    now[0] = T0 + IN_DOUBT_WAIT
+    await processor.start(table.job)  # what the timer does with the due retry
+    assert len(upsampler.submitted) == 2
+    # Answered with an error this time: no longer in doubt, the next retry after a backoff.
+    assert table.job.submit_started_at is None and table.job.submit_failures == 2
+    assert table.deadlines[-1][Deadline.RETRY] < now[0] + IN_DOUBT_WAIT
+
+
+def retry_command(force: bool = False) -> bytes:
+    return Command(command="retry", job_id=JOB_ID, requested_by="ops", force=force).model_dump_json().encode()
+
+
+def failed_job() -> Job:
+    return pending_job().model_copy(update={"status": JobStatus.FAILED, "attempts": 1, "upsampler_job_id": "ups-0",
+                                            "failure_reason": "upscaler failed: it broke", "failed_at": T0})
+
+
+async def test_an_operator_retry_left_unanswered_is_adopted_from_its_callback_and_not_made_again(tmp_path: Path):
+    table = OneJobTable(failed_job())
+    upsampler = FailingUpsampler(UpscalerUnavailable("Upsampler POST timed out", in_doubt=True))
+    processor = remote_processor(tmp_path, table, Published(), upsampler)
+    assert (await processor.on_command(retry_command())).startswith("retry unanswered")
+    assert table.job.status is JobStatus.FAILED and table.job.submit_started_at == T0
+    # Sent again (an impatient operator, or the command redelivered): refused while in doubt.
+    with pytest.raises(PermanentError, match="in doubt"):
+        await processor.on_command(retry_command())
+    assert len(upsampler.submitted) == 1
+    # The retry's callback: the upscale is adopted, the job processing again.
+    assert await processor.on_upscaler_event(upscaler_event("IN_PROGRESS")) == "upscaler reports IN_PROGRESS"
+    assert table.job.status is JobStatus.PROCESSING and table.job.upsampler_job_id == "ups-orphan"
+    assert table.job.attempts == 2
+
+
+async def test_an_operator_retry_answered_with_an_error_is_not_in_doubt(tmp_path: Path):
+    table = OneJobTable(failed_job())
+    upsampler = FailingUpsampler(UpscalerUnavailable("Upsampler HTTP 503"))
+    processor = remote_processor(tmp_path, table, Published(), upsampler)
+    with pytest.raises(TransientError):  # retried inline by the stage, then dead-lettered
+        await processor.on_command(retry_command())
+    assert table.job.submit_started_at is None
+    upsampler.error = UpscalerUnavailable("Upsampler POST timed out", in_doubt=True)
+    await processor.on_command(retry_command())  # not refused: the last one was answered
+    assert len(upsampler.submitted) == 2
+
+
+async def test_a_forced_operator_retry_submits_again_while_the_last_is_in_doubt(tmp_path: Path):
+    table = OneJobTable(failed_job().model_copy(update={"submit_started_at": T0 - timedelta(seconds=5)}))
+    upsampler = CountingUpsampler()
+    processor = remote_processor(tmp_path, table, Published(), upsampler)
+    assert (await processor.on_command(retry_command(force=True))).startswith("processing (applied")
+    assert len(upsampler.submitted) == 1

@@ -127,6 +127,9 @@ class Processor:
             waited = await self._wait_for_submission_in_doubt(job)
             if waited:
                 return waited
+            if job.submit_failures > self.config.submit_retries:  # the last try was left unanswered
+                return await self._fail(job, f"upscaler unavailable after {job.submit_failures} attempts, "
+                                             "the last unanswered and no callback from it")
         if job.status is JobStatus.PENDING or (operator_retry and job.status is JobStatus.FAILED):
             try:
                 await vet_url(job.image_url, self.config.allow, self.resolver)
@@ -245,18 +248,23 @@ class Processor:
         request left), Upsampler may have taken it: the mark stays, so its callback
         is adopted, and the retry comes no sooner than the wait after a crash."""
         failures = job.submit_failures + 1
-        if failures > self.config.submit_retries:
+        exhausted = failures > self.config.submit_retries
+        if exhausted and in_doubt_since is None:
             return await self._fail(job, f"upscaler unavailable after {failures} attempts: {exc}")
         backoff = min(300.0, 2.0 * 2 ** failures) * (0.5 + random.random() / 2)
         retry_at = self.clock() + timedelta(seconds=max(backoff, getattr(exc, "retry_after", None) or 0.0))
         if in_doubt_since is not None:
-            retry_at = max(retry_at, in_doubt_since + self.config.in_doubt_wait)
+            # The last try, too, waits for its callback: the job fails (and is
+            # refunded) only when none came (start).
+            doubt_ends = in_doubt_since + self.config.in_doubt_wait
+            retry_at = doubt_ends if exhausted else max(retry_at, doubt_ends)
         await self.table.update(job.job_id, {"submit_failures": failures},
                                 clear=[] if in_doubt_since is not None else ["submit_started_at"],
                                 expect_status=[JobStatus.PENDING], deadlines={Deadline.RETRY: retry_at})
-        log.info("job %s: upscaler unavailable (%s)%s; retry %d at %s", job.job_id, exc,
-                 ", the submission in doubt" if in_doubt_since is not None else "", failures, retry_at.isoformat())
-        return f"retry {failures} scheduled"
+        log.info("job %s: upscaler unavailable (%s)%s; %s at %s", job.job_id, exc,
+                 ", the submission in doubt" if in_doubt_since is not None else "",
+                 "failing unless it calls back" if exhausted else f"retry {failures}", retry_at.isoformat())
+        return "last try in doubt: waiting for its callback" if exhausted else f"retry {failures} scheduled"
 
     # -- the local backend ------------------------------------------------------------
 

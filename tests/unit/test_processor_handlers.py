@@ -383,3 +383,20 @@ async def test_a_forced_operator_retry_submits_again_while_the_last_is_in_doubt(
     processor = remote_processor(tmp_path, table, Published(), upsampler)
     assert (await processor.on_command(retry_command(force=True))).startswith("processing (applied")
     assert len(upsampler.submitted) == 1
+
+
+async def test_a_last_try_left_unanswered_waits_for_its_callback_before_the_job_fails(tmp_path: Path):
+    """Retries used up (3 here), and the last one timed out: failing the job now
+    would refund it while Upsampler may be upscaling it. It fails when the wait is
+    over without a callback; a callback in time is adopted instead."""
+    now = [T0]
+    table = OneJobTable(pending_job().model_copy(update={"submit_failures": 3}))
+    upsampler = FailingUpsampler(UpscalerUnavailable("Upsampler POST timed out", in_doubt=True))
+    processor = remote_processor(tmp_path, table, Published(), upsampler)
+    processor.clock = lambda: now[0]
+    assert await processor.on_pending(pending_msg()) == "last try in doubt: waiting for its callback"
+    assert table.job.status is JobStatus.PENDING and table.deadlines[-1] == {Deadline.RETRY: T0 + IN_DOUBT_WAIT}
+    now[0] = T0 + IN_DOUBT_WAIT
+    outcome = await processor.start(table.job)  # the due retry, no callback having come
+    assert outcome.startswith("failed: upscaler unavailable after 4 attempts, the last unanswered")
+    assert len(upsampler.submitted) == 1 and table.job.status is JobStatus.FAILED

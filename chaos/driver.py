@@ -573,6 +573,26 @@ class ChaosRun:
 
     # -- results ---------------------------------------------------------------------
 
+    def _upscales(self, jobs: list[JobRecord]) -> dict[str, dict[str, int]]:
+        """Where the fake Upsampler's accepted upscales went: how each submission was
+        answered (200, or none: the client had gone) and each callback (an HTTP
+        status, or the error of one refused), for all and for those no job holds."""
+        held = {j.upscaler_job_id for j in jobs}
+        callbacks = {c["body"]["id"]: str(c.get("status") or c.get("error", "?").split("(")[0])
+                     for c in self.upsampler.callbacks_sent}
+        counts: dict[str, Counter] = {"answers": Counter(), "callbacks": Counter(), "unused_answers": Counter(),
+                                      "unused_callbacks": Counter()}
+        for submission in self.upsampler.submissions:
+            if submission["id"] is None:
+                continue
+            answer, callback = str(submission["answered"] or "none"), callbacks.get(submission["id"], "none")
+            counts["answers"][answer] += 1
+            counts["callbacks"][callback] += 1
+            if submission["id"] not in held:
+                counts["unused_answers"][answer] += 1
+                counts["unused_callbacks"][callback] += 1
+        return {name: dict(counter) for name, counter in counts.items()}
+
     async def _collect(self, settled: bool) -> dict[str, Any]:
         jobs = await self._final_jobs()
         calls = [StripeCall(r.method, r.path, r.idempotency_key, r.form, r.status) for r in self.proxy.requests]
@@ -585,6 +605,7 @@ class ChaosRun:
                             upscaler_jobs=None if self.upsampler is None else list(self.upsampler.jobs),
                             bad_path=BAD_PATH if self.upsampler is None else REFUSED_PATH)
         statuses = Counter(j.status for j in jobs)
+        upscales = {} if self.upsampler is None else {"upscales": self._upscales(jobs)}
         return {
             "settled": settled,
             "checks": [c.as_dict() for c in checks],
@@ -594,7 +615,7 @@ class ChaosRun:
                        "webhook_posts": sum(self.pay_attempts.values()), "webhook_refusals": dict(self.pay_refusals),
                        "publish_errors": dict(self.publish_errors), "snapshot_errors": dict(self.snapshot_errors),
                        "emails_delivered": len(deliveries), "stripe_requests": len(calls),
-                       "status_topic_events": len(events), "dead_letters": len(dead_letters)},
+                       "status_topic_events": len(events), "dead_letters": len(dead_letters), **upscales},
             "faults": {"sigkills": dict(self.kills), "sigkills_total": sum(self.kills.values()),
                        "unexpected_exits": self.unexpected_exits,
                        "starts": {w.name: w.starts for w in [*self.workers.values(), *filter(None, [self.extra])]}},

@@ -29,7 +29,9 @@ class OneJobTable:
         return TransitionResult("applied", previous)
 
     async def update(self, job_id, fields, *, clear=(), expect_status=(), deadlines=None, clear_deadlines=(),
-                     now=None) -> bool:
+                     expect_fields=None, now=None) -> bool:
+        if any(getattr(self.job, name) != value for name, value in (expect_fields or {}).items()):
+            return False
         self.writes.append(("update", dict(fields)))
         self.job = self.job.model_copy(update={**fields, **{name: None for name in clear}})
         if deadlines:

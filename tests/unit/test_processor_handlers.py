@@ -267,7 +267,11 @@ async def test_only_so_many_submissions_are_marked_in_doubt_at_once(tmp_path: Pa
             await release.wait()
             return await super().submit(image_url, factor, callback_url)
 
-    table = OneJobTable(pending_job())
+    class FiveJobsTable(OneJobTable):  # stands in for five jobs: no job's mark is another's
+        async def update(self, job_id, fields, *, expect_fields=None, **options):
+            return await super().update(job_id, fields, **options)
+
+    table = FiveJobsTable(pending_job())
     processor = remote_processor(tmp_path, table, Published(), HeldUpsampler(), submits_in_flight=2)
     starts = [asyncio.ensure_future(processor.start(pending_job())) for _ in range(5)]
     for _ in range(20):
@@ -400,3 +404,45 @@ async def test_a_last_try_left_unanswered_waits_for_its_callback_before_the_job_
     outcome = await processor.start(table.job)  # the due retry, no callback having come
     assert outcome.startswith("failed: upscaler unavailable after 4 attempts, the last unanswered")
     assert len(upsampler.submitted) == 1 and table.job.status is JobStatus.FAILED
+
+
+async def test_a_worker_that_lost_the_job_to_another_while_waiting_for_a_slot_submits_nothing(tmp_path: Path):
+    """After a rebalance the old owner of a partition may still hold a message (read
+    before, waiting for a submission slot) while the new owner's submission of the
+    job is in flight. The old owner's marker must not replace the new owner's token
+    (that callback would be refused) nor submit a second time."""
+    release = asyncio.Event()
+
+    class HeldUpsampler(CountingUpsampler):
+        async def submit(self, image_url: str, factor: int, callback_url: str) -> Submission:
+            await release.wait()
+            return await super().submit(image_url, factor, callback_url)
+
+    table = OneJobTable(pending_job())
+    read_by_the_old_owner = await table.get(JOB_ID)
+    new_owner_upsampler, old_owner_upsampler = HeldUpsampler(), CountingUpsampler()
+    new_owner = remote_processor(tmp_path, table, Published(), new_owner_upsampler)
+    in_flight = asyncio.ensure_future(new_owner.start(await table.get(JOB_ID)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    marked = table.job.callback_token_hash
+    assert marked is not None
+    old_owner = remote_processor(tmp_path, table, Published(), old_owner_upsampler)
+    assert (await old_owner.start(read_by_the_old_owner)).startswith("not submitted")
+    assert old_owner_upsampler.submitted == [] and table.job.callback_token_hash == marked
+    release.set()
+    assert (await in_flight).startswith("processing (applied")
+
+
+async def test_a_redelivered_callback_that_adopted_its_job_announces_processing_again(tmp_path: Path):
+    """A worker adopted the upscale from its callback and died before announcing
+    processing; the redelivered callback finds the upscaler id already the job's.
+    It announces processing again (the adoption's event id) before completing."""
+    table = OneJobTable(pending_job().model_copy(update={"submit_started_at": T0, "callback_token_hash": "h1"}))
+    first = remote_processor(tmp_path, table, Published(), CountingUpsampler())
+    assert await first.on_upscaler_event(upscaler_event("IN_PROGRESS")) == "upscaler reports IN_PROGRESS"
+    published = Published()
+    redelivered = remote_processor(tmp_path, table, published, CountingUpsampler())
+    assert (await redelivered.on_upscaler_event(upscaler_event("FAILED"))).startswith("failed")
+    assert [(topic, event.event_id) for topic, _, event in published] == [
+        (JOBS_PROCESSING.name, make_event_id(JOB_ID, "processing", 1)), (JOBS_FAILED.name, published[1][2].event_id)]

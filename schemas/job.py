@@ -53,6 +53,11 @@ class Job(BaseModel):
     # When a submission to Upsampler began and its outcome is not recorded yet: a
     # redelivery finding it set cannot know whether Upsampler took the job.
     submit_started_at: datetime | None = None
+    # The upscaler job a callback named, taken by the gateway while the job was still
+    # pending (its submission in doubt, or not answered yet): Upsampler has that
+    # upscale, so the processor adopts it rather than submit again, even if the
+    # callback's event is still queued behind others on upscaler.events.
+    callback_upscaler_id: str | None = None
     upscaled_url: str | None = None
     upscaled_file_path: str | None = None
     stripe_checkout_session_id: str | None = None

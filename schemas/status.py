@@ -112,6 +112,7 @@ FIELD_STATUS: dict[str, JobStatus] = {
     "checkout_url": JobStatus.AWAITING_PAYMENT,
     # A submission in doubt is a pending job's question (services/processor).
     "submit_started_at": JobStatus.PENDING,
+    "callback_upscaler_id": JobStatus.PENDING,
 }
 
 

@@ -2,7 +2,13 @@
 per-job secret in the URL is the authentication. The job table holds only its
 SHA-256 (``callback_token_hash``). The callback body, plus the job id of the job
 the token belongs to, goes to ``upscaler.events``; 200 only once Kafka has
-acknowledged it, 503 while it cannot, so the callback is retried, not lost."""
+acknowledged it, 503 while it cannot, so the callback is retried, not lost.
+
+A callback for a job still ``pending`` (its submission in doubt, or not answered
+yet) also has the upscaler id it names recorded in the job, once published: the
+processor then adopts that upscale rather than submit the job again, even while
+the event waits behind others on ``upscaler.events``. A job past pending (the
+usual case: the submission's answer came first) costs no write."""
 
 from __future__ import annotations
 
@@ -14,7 +20,11 @@ from typing import Any
 
 from aiohttp import web
 
+from pydantic import ValidationError
+
+from schemas.events import UpscalerEvent
 from schemas.requests import InvalidMessage, decode_json_object
+from schemas.status import JobStatus
 from schemas.topics import UPSCALER_EVENTS
 from services.gateway.context import CONTEXT
 from services.gateway.bodies import MAX_BODY_BYTES, BadBody, problem, read_body
@@ -64,4 +74,22 @@ async def upsampler_webhook(request: web.Request) -> web.Response:
         outcomes.labels("upsampler", "unavailable").inc()
         return problem(503, "event log unavailable, retry later")
     outcomes.labels("upsampler", "published").inc()
+    if job.status is JobStatus.PENDING:
+        await record_callback(ctx.table, job, event)
     return web.json_response({"received": True})
+
+
+async def record_callback(table, job, event: dict[str, Any]) -> None:
+    """Record the upscaler id the callback names in its pending job, only while the
+    job is pending and holds the token this callback came with (a submission made
+    since has a new token, and its own callback). Best effort: the event is in
+    Kafka, and its consumer adopts the upscale too."""
+    try:
+        upscaler_id = UpscalerEvent.model_validate(event).id
+    except ValidationError:
+        return  # the processor dead-letters the event with the reason
+    try:
+        await table.update(job.job_id, {"callback_upscaler_id": upscaler_id}, expect_status=[JobStatus.PENDING],
+                           expect_fields={"callback_token_hash": job.callback_token_hash})
+    except Exception as exc:  # Redis away: the published event still adopts it
+        log.warning("could not record the Upsampler callback for job %s: %s", job.job_id, type(exc).__name__)

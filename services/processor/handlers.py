@@ -10,9 +10,10 @@ Idempotent under redelivery, crash and restart:
   (``submit_started_at`` set, the job still ``pending``): Upsampler may have taken
   it, and Upsampler has no idempotency key nor a lookup. The redelivery or the
   retry waits for its callback (``in_doubt_wait``) instead of paying for a second
-  upscale, and a callback for a pending job adopts the upscaler job it names; only
-  when none comes is the job submitted again. An operator's retry of a failed job
-  is marked the same way;
+  upscale, and a callback for a pending job adopts the upscaler job it names (from
+  its event, or from the id the gateway recorded when it took the callback, should
+  the event still be queued); only when none comes is the job submitted again. An
+  operator's retry of a failed job is marked the same way;
 - a result completes the job once (compare-and-set on ``processing`` and the event
   id); callbacks for an upscaler job that is not the job's current one are ignored;
 - transient errors never block the partition: a failed submit is retried from a
@@ -122,8 +123,14 @@ class Processor:
         return await self.start(await self._job(event.job_id))
 
     async def start(self, job: Job, *, operator_retry: bool = False, resubmit_in_doubt: bool = False) -> str:
-        if (job.status is JobStatus.PENDING and job.submit_started_at is not None and self.remote is not None
-                and not resubmit_in_doubt):
+        in_doubt = job.status is JobStatus.PENDING and job.submit_started_at is not None and self.remote is not None
+        if in_doubt and job.callback_upscaler_id is not None:
+            # The gateway took a callback of the submission in doubt: Upsampler has it,
+            # forced or not. Its event may still be queued behind others (a restarted
+            # worker's timer runs before its consumer has caught up).
+            outcome, _ = await self._adopt(job, job.callback_upscaler_id, "recorded by the gateway")
+            return outcome
+        if in_doubt and not resubmit_in_doubt:
             waited = await self._wait_for_submission_in_doubt(job)
             if waited:
                 return waited
@@ -169,12 +176,15 @@ class Processor:
             # worker that lost the partition may still hold the message, waiting for a
             # slot, while the new owner submits it; its write would replace the new
             # owner's token (that callback then lost) and submit a second time.
+            # Nor if the gateway took a callback since: that event adopts the upscale.
             marked_at = self.clock()
             if not await self.table.update(job.job_id, {"callback_token_hash": hash_token(token),
                                                         "submit_started_at": marked_at},
+                                           clear=["callback_upscaler_id"],  # named by an earlier token's callback
                                            expect_status=[job.status],
-                                           expect_fields={"submit_started_at": job.submit_started_at}):
-                return "not submitted: the job moved on, or another worker submitted it, meanwhile"
+                                           expect_fields={"submit_started_at": job.submit_started_at,
+                                                          "callback_upscaler_id": job.callback_upscaler_id}):
+                return "not submitted: the job moved on, was submitted or called back, meanwhile"
             crash_point("processor.before_submit")
             try:
                 submission = await self.remote.submit(job.image_url, resolution_factor(job.resolution), callback)
@@ -191,7 +201,7 @@ class Processor:
                 if in_doubt:
                     # Its callback is adopted if it comes; another retry is refused
                     # until the wait is over, unless forced (on_command).
-                    until = marked_at + self.config.in_doubt_wait
+                    until = self._doubt_ends(marked_at)
                     return f"retry unanswered ({exc}): in doubt until {until.isoformat()}"
                 await self._clear_doubt(job)
                 raise  # the command is retried inline, then dead-lettered with the reason
@@ -228,6 +238,22 @@ class Processor:
                                        "failed_at": None}) if result.applied else None
         return f"processing ({result.outcome}, attempt {attempt})", moved
 
+    async def _adopt(self, job: Job, upscaler_id: str, how: str) -> tuple[str, Job]:
+        """Move a job whose submission is in doubt (or not recorded yet) to processing
+        with the upscaler job its callback named: the gateway found the job by the
+        callback token it was given, so the upscale is this job's; adopt it rather
+        than pay for another. The submission's own record, if it comes, is the same
+        transition (same attempt and event id). Returns what happened and the job."""
+        outcome, moved = await self._to_processing(job, upscaler_id, callback_token_hash=job.callback_token_hash,
+                                                   watch_after=self.config.poll_after)
+        log.info("job %s: adopted upscaler job %s from its callback, %s (%s)", job.job_id, upscaler_id, how, outcome)
+        metrics.upscaler_request("upsampler", "adopted")
+        return f"adopted upscaler job {upscaler_id}: {outcome}", moved or await self._job(job.job_id)
+
+    def _doubt_ends(self, marked_at: datetime) -> datetime:
+        """When a submission marked at ``marked_at`` and not answered is given up on."""
+        return marked_at + self.config.in_doubt_wait
+
     async def _clear_doubt(self, job: Job) -> None:
         await self.table.update(job.job_id, {}, clear=["submit_started_at"], expect_status=[job.status])
 
@@ -237,7 +263,7 @@ class Processor:
         ``in_doubt_wait`` after it began, the job waits for that submission's callback
         (on_upscaler_event adopts it) under a retry deadline, and this returns what was
         done; after it, None: submit again."""
-        resubmit_at = job.submit_started_at + self.config.in_doubt_wait
+        resubmit_at = self._doubt_ends(job.submit_started_at)
         if self.clock() >= resubmit_at:
             log.info("job %s: no callback from the submission in doubt; submitting again", job.job_id)
             return None
@@ -261,7 +287,7 @@ class Processor:
         if in_doubt_since is not None:
             # The last try, too, waits for its callback: the job fails (and is
             # refunded) only when none came (start).
-            doubt_ends = in_doubt_since + self.config.in_doubt_wait
+            doubt_ends = self._doubt_ends(in_doubt_since)
             retry_at = doubt_ends if exhausted else max(retry_at, doubt_ends)
         await self.table.update(job.job_id, {"submit_failures": failures},
                                 clear=[] if in_doubt_since is not None else ["submit_started_at"],
@@ -309,15 +335,9 @@ class Processor:
                     job.status is JobStatus.FAILED and job.submit_started_at is not None)):
                 # From a submission not recorded yet (for a failed job: an operator's
                 # retry): one still in flight (the callback beat its answer), or one in
-                # doubt after a crash or a timeout. The gateway found the job by the
-                # callback token it was given, so the upscale is this job's: adopt it
-                # rather than pay for another. The submission's own record, if it
-                # comes, is the same transition (same attempt and event id).
-                outcome, moved = await self._to_processing(job, event.id, callback_token_hash=job.callback_token_hash,
-                                                           watch_after=self.config.poll_after)
-                log.info("job %s: adopted upscaler job %s from its callback (%s)", job.job_id, event.id, outcome)
-                metrics.upscaler_request("upsampler", "adopted")
-                job, adopted = moved or await self._job(event.job_id), True
+                # doubt after a crash or a timeout.
+                _, job = await self._adopt(job, event.id, "from its event")
+                adopted = True
                 if job.upsampler_job_id != event.id:
                     return "ignored: not the job's current upscaler job"
             elif job.status is JobStatus.FAILED:
@@ -436,7 +456,7 @@ class Processor:
             raise PermanentError(f"retry refused: job {job.job_id} was refunded ({job.refund_id}); "
                                  "send force=true to retry anyway")
         if job.submit_started_at is not None and not command.force:
-            until = job.submit_started_at + self.config.in_doubt_wait
+            until = self._doubt_ends(job.submit_started_at)
             if self.clock() < until:
                 raise PermanentError(f"retry refused: job {job.job_id}'s last retry is in doubt (Upsampler may "
                                      f"have taken it) until {until.isoformat()}; send force=true to submit again")

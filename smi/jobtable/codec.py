@@ -42,7 +42,8 @@ FIELD_CODES: dict[str, str] = {
     "payment_status": "ps", "price_cents": "pr", "cost_cents": "cc", "credits": "cr", "markup_percent": "mk",
     "paid_at": "pa", "payment_failed_at": "pf", "abandoned_at": "ab",
     # processing
-    "upsampler_job_id": "up", "callback_token_hash": "cb", "submit_started_at": "ss", "upscaled_url": "uu",
+    "upsampler_job_id": "up", "callback_token_hash": "cb", "submit_started_at": "ss",
+    "callback_upscaler_id": "cbu", "upscaled_url": "uu",
     "upscaled_file_path": "uf",
     "processing_started_at": "pst", "completed_at": "ca", "failed_at": "fa", "failure_reason": "fr",
     # refund

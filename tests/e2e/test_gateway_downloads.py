@@ -233,8 +233,8 @@ async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit(st
 
 # -- Upsampler callbacks -----------------------------------------------------------
 
-async def job_with_callback_token(table):
-    job = await make_job(table, S.PROCESSING)
+async def job_with_callback_token(table, status=S.PROCESSING):
+    job = await make_job(table, status)
     raw = secrets.token_urlsafe(32)
     await table.update(job.job_id, {"callback_token_hash": hash_token(raw)})
     return job, raw
@@ -260,11 +260,37 @@ async def test_an_upsampler_callback_is_published_with_the_job_id_its_token_name
     assert await post_callback(http, f"{downloads_gateway.url}/webhooks/upsampler/{raw}", body) == 200
     [message] = await watcher.wait_for("upscaler.events", for_job(job.job_id))
     assert message.json() == {**body, "job_id": job.job_id}
+    # Past pending, the submission's answer came first: nothing is written to the job.
+    assert (await table.get(job.job_id)).callback_upscaler_id is None
 
     async with http.get(f"{downloads_gateway.url}/metrics") as resp:
         metrics = await resp.text()
     published = re.search(r'smi_gateway_webhooks_total\{outcome="published",source="upsampler"\} (\S+)', metrics)
     assert published and float(published.group(1)) >= 1
+
+
+async def test_a_callback_for_a_pending_job_records_the_upscaler_id_it_names(downloads_gateway, table, http,
+                                                                            watcher):
+    """The submission is in doubt (or its answer not in yet): the gateway records the
+    upscaler id in the job, so that the processor adopts it even while the event is
+    still queued. The job stays pending: the processor owns its transition."""
+    job, raw = await job_with_callback_token(table, S.PENDING)
+    body = callback_body(status="IN_PROGRESS")
+    assert await post_callback(http, f"{downloads_gateway.url}/webhooks/upsampler/{raw}", body) == 200
+    await watcher.wait_for("upscaler.events", for_job(job.job_id))
+    recorded = await table.get(job.job_id)
+    assert recorded.callback_upscaler_id == body["id"] and recorded.status is S.PENDING
+
+
+async def test_a_callback_the_processor_cannot_read_is_published_but_not_recorded(downloads_gateway, table, http,
+                                                                                watcher):
+    """A body with no status is published (the processor dead-letters it with the
+    reason) but names no upscale the processor could adopt."""
+    job, raw = await job_with_callback_token(table, S.PENDING)
+    body = {"id": f"up-{uuid.uuid4().hex[:12]}"}
+    assert await post_callback(http, f"{downloads_gateway.url}/webhooks/upsampler/{raw}", body) == 200
+    await watcher.wait_for("upscaler.events", for_job(job.job_id))
+    assert (await table.get(job.job_id)).callback_upscaler_id is None
 
 
 async def test_bad_upsampler_callbacks_get_4xx_and_publish_nothing(downloads_gateway, table, http, watcher):

@@ -229,6 +229,30 @@ async def test_killed_before_the_submission_is_answered_it_waits_for_the_callbac
     assert [h.target for h in await table.history(job.job_id)].count(S.PROCESSING) == 1
 
 
+async def test_a_callback_taken_while_the_processor_was_down_is_adopted_though_the_wait_is_over(
+        processor, upsampler, images, producer, table, http, gateway):
+    """SIGKILL right after Upsampler took the job; its callback comes while the
+    processor is down, and the gateway records the upscaler id it names. The
+    restarted processor's wait is already over, and its jobs.pending may come before
+    the callback's event: it adopts the recorded upscale instead of paying again."""
+    processor.kill()
+    processor.start(SMI_CRASH_AT="processor.after_submit", UPSAMPLER_IN_DOUBT_WAIT_SECONDS="120")
+    url = unique_image(images)
+    job = await paid_job(producer, table, http, gateway, image_url=url, image_width=64, image_height=48)
+    assert await asyncio.to_thread(processor.wait_exit, 120) == 137
+    [submitted] = submissions_for(upsampler, url)
+    async def recorded_callback():
+        current = await table.get(job.job_id)
+        return current if current.callback_upscaler_id is not None else None
+    recorded = await eventually(recorded_callback, timeout=30)
+    assert recorded.status is S.PENDING and recorded.callback_upscaler_id == submitted["id"]
+    processor.start(UPSAMPLER_IN_DOUBT_WAIT_SECONDS="0.01")
+    done = await wait_status(table, job.job_id, S.COMPLETED, timeout=90)
+    assert len(submissions_for(upsampler, url)) == 1
+    assert done.upsampler_job_id == submitted["id"] and done.callback_upscaler_id is None
+    processor.start()
+
+
 async def test_killed_before_the_submission_left_it_is_submitted_once_the_wait_is_over(
         processor, upsampler, images, producer, table, http, gateway):
     """SIGKILL after the submission was marked, before it left: Upsampler never saw

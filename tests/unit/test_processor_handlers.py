@@ -446,3 +446,63 @@ async def test_a_redelivered_callback_that_adopted_its_job_announces_processing_
     assert (await redelivered.on_upscaler_event(upscaler_event("FAILED"))).startswith("failed")
     assert [(topic, event.event_id) for topic, _, event in published] == [
         (JOBS_PROCESSING.name, make_event_id(JOB_ID, "processing", 1)), (JOBS_FAILED.name, published[1][2].event_id)]
+
+
+# -- a callback the gateway took while the job was pending ---------------------------
+
+@pytest.mark.parametrize("case", ["wait not over", "wait over", "last try unanswered", "forced retry"])
+async def test_a_callback_the_gateway_recorded_is_adopted_not_submitted_again(tmp_path: Path, case):
+    """The gateway took a callback of the submission in doubt and recorded the id it
+    names; its event is still queued behind others on upscaler.events. The due retry
+    (or redelivery, or a forced retry) adopts that upscale at once: no second paid
+    upscale when the wait is over, and no failure (and refund) of a last try."""
+    started = T0 - (IN_DOUBT_WAIT if case == "wait over" else timedelta(seconds=30))
+    job = pending_job().model_copy(update={"submit_started_at": started, "callback_token_hash": "h1",
+                                           "callback_upscaler_id": "ups-late",
+                                           "submit_failures": 4 if case == "last try unanswered" else 1})
+    table, published, upsampler = OneJobTable(job), Published(), CountingUpsampler()
+    processor = remote_processor(tmp_path, table, published, upsampler)
+    before = upscaler_count("adopted")
+    if case == "forced retry":
+        command = Command(command="retry", job_id=JOB_ID, requested_by="ops", force=True)
+        outcome = await processor.on_command(command.model_dump_json().encode())
+    else:
+        outcome = await processor.on_pending(pending_msg())
+    assert outcome.startswith("adopted upscaler job ups-late: processing (applied")
+    assert upsampler.submitted == [] and upscaler_count("adopted") == before + 1
+    [(target, fields)] = table.transitions
+    assert target is JobStatus.PROCESSING
+    assert (fields["upsampler_job_id"], fields["attempts"], fields["callback_token_hash"]) == ("ups-late", 1, "h1")
+    # The same transition as the queued event's own adoption: that one is a duplicate.
+    [(topic, _, event)] = published
+    assert topic == JOBS_PROCESSING.name and event.event_id == make_event_id(JOB_ID, "processing", 1)
+    assert await processor.on_upscaler_event(upscaler_event("IN_PROGRESS", "ups-late")) == \
+        "upscaler reports IN_PROGRESS"
+    assert upsampler.submitted == []
+
+
+async def test_a_submission_is_not_made_when_the_gateway_took_a_callback_since_the_job_was_read(tmp_path: Path):
+    """The job was read before the gateway recorded a callback of its submission in
+    doubt (the wait just over): the marker's compare-and-set refuses, and the
+    callback's event adopts the upscale instead of a second one being paid for."""
+    table = OneJobTable(pending_job().model_copy(update={"submit_started_at": T0 - IN_DOUBT_WAIT,
+                                                         "callback_token_hash": "h1"}))
+    read_before = await table.get(JOB_ID)
+    await table.update(JOB_ID, {"callback_upscaler_id": "ups-late"})  # the gateway's write
+    upsampler = CountingUpsampler()
+    processor = remote_processor(tmp_path, table, Published(), upsampler)
+    assert (await processor.start(read_before)).startswith("not submitted")
+    assert upsampler.submitted == [] and table.job.callback_token_hash == "h1"
+
+
+async def test_a_new_submission_forgets_the_upscaler_id_an_earlier_token_was_called_back_with(tmp_path: Path):
+    """A recorded id belongs to the token it came with. A submission with a new token
+    (here after an answered error cleared the doubt) drops it, so that a later wait
+    of the new submission never adopts the old upscale."""
+    table = OneJobTable(pending_job().model_copy(update={"callback_token_hash": "h1",
+                                                         "callback_upscaler_id": "ups-old"}))
+    upsampler = FailingUpsampler(UpscalerUnavailable("Upsampler POST timed out", in_doubt=True))
+    processor = remote_processor(tmp_path, table, Published(), upsampler)
+    assert (await processor.on_pending(pending_msg())).startswith("retry 1 scheduled")
+    assert len(upsampler.submitted) == 1
+    assert table.job.callback_upscaler_id is None and table.job.callback_token_hash != "h1"

@@ -154,10 +154,11 @@ def test_deadlines_belong_to_statuses():
 
 
 def test_the_checkout_url_is_kept_only_while_the_job_awaits_payment_and_a_submission_in_doubt_while_pending():
-    assert fields_left_by(JobStatus.AWAITING_PAYMENT) == ("submit_started_at",)
+    in_doubt = ("submit_started_at", "callback_upscaler_id")
+    assert fields_left_by(JobStatus.AWAITING_PAYMENT) == in_doubt
     assert fields_left_by(JobStatus.PENDING) == ("checkout_url",)
     for status in set(JobStatus) - {JobStatus.AWAITING_PAYMENT, JobStatus.PENDING}:
-        assert fields_left_by(status) == ("checkout_url", "submit_started_at")
+        assert fields_left_by(status) == ("checkout_url", *in_doubt)
 
 
 def test_abandon_deadline_status_can_be_left_by_the_janitor():

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from rich.console import Console
 
 from bench import baselines, table
@@ -282,6 +284,9 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
                 results["errors"].append(f"{len(failed)} jobs failed")
             if dead:
                 results["errors"].append(f"{len(dead)} dead letters, e.g. {dead[0].get('error')}")
+            if args.upscaler == "upsampler" and args.worker_counts.get("gateway", 1) == 1:
+                results["upsampler_callbacks"] = counts = await callback_counts(gateway)
+                say(f"  gateway: Upsampler callbacks {counts}")
             job_table = JobTable(redis, shards=settings.redis_shards, namespace=namespace)
             results["redis"]["live_job_keys_bytes"] = await table.live_job_bytes(redis, job_table, list(emails)[:200])
     finally:
@@ -295,6 +300,18 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
             await upsampler.stop()
         shutil.rmtree(storage, ignore_errors=True)
         await table.unlink(redis, await table.namespace_keys(redis, namespace))
+
+
+async def callback_counts(gateway_url: str) -> dict[str, Any]:
+    """The gateway's Upsampler callbacks: how many it published, and of those that
+    found their job still pending, what became of the upscaler id they name (one
+    gateway process: its /metrics counts only its own)."""
+    async with aiohttp.ClientSession() as http, http.get(f"{gateway_url}/metrics") as resp:
+        text = await resp.text()
+    found_pending = {result: float(n) for result, n in
+                     re.findall(r'smi_gateway_callbacks_recorded_total\{result="(\w+)"\} (\S+)', text)}
+    published = re.search(r'smi_gateway_webhooks_total\{outcome="published",source="upsampler"\} (\S+)', text)
+    return {"published": float(published.group(1)) if published else 0.0, "found_pending": found_pending}
 
 
 @asynccontextmanager

@@ -20,6 +20,12 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         self.webhooks = Counter("smi_gateway_webhooks_total", "Webhook requests by source and outcome",
                                 ["source", "outcome"], registry=self.registry)
+        # Callbacks that came while their job was pending, and whether the upscaler id
+        # they name was written to the job for the processor to adopt.
+        self.callbacks_recorded = Counter(
+            "smi_gateway_callbacks_recorded_total", "Upsampler callbacks taken for a pending job, by what became "
+            "of the upscaler id they name (recorded, moved_on, unreadable, error)", ["result"],
+            registry=self.registry)
         # 404s and 429s climbing together: someone is guessing download links.
         self.downloads = Counter("smi_gateway_downloads_total", "Download requests by the status answered "
                                  "(200 also stands for a 206 to a Range request)", ["status"], registry=self.registry)

@@ -75,21 +75,27 @@ async def upsampler_webhook(request: web.Request) -> web.Response:
         return problem(503, "event log unavailable, retry later")
     outcomes.labels("upsampler", "published").inc()
     if job.status is JobStatus.PENDING:
-        await record_callback(ctx.table, job, event)
+        result = await record_callback(ctx.table, job, event)
+        ctx.metrics.callbacks_recorded.labels(result).inc()
     return web.json_response({"received": True})
 
 
-async def record_callback(table, job, event: dict[str, Any]) -> None:
+async def record_callback(table, job, event: dict[str, Any]) -> str:
     """Record the upscaler id the callback names in its pending job, only while the
     job is pending and holds the token this callback came with (a submission made
     since has a new token, and its own callback). Best effort: the event is in
-    Kafka, and its consumer adopts the upscale too."""
+    Kafka, and its consumer adopts the upscale too. Returns what became of it."""
     try:
         upscaler_id = UpscalerEvent.model_validate(event).id
     except ValidationError:
-        return  # the processor dead-letters the event with the reason
+        return "unreadable"  # the processor dead-letters the event with the reason
     try:
-        await table.update(job.job_id, {"callback_upscaler_id": upscaler_id}, expect_status=[JobStatus.PENDING],
-                           expect_fields={"callback_token_hash": job.callback_token_hash})
+        written = await table.update(job.job_id, {"callback_upscaler_id": upscaler_id},
+                                     expect_status=[JobStatus.PENDING],
+                                     expect_fields={"callback_token_hash": job.callback_token_hash})
     except Exception as exc:  # Redis away: the published event still adopts it
         log.warning("could not record the Upsampler callback for job %s: %s", job.job_id, type(exc).__name__)
+        return "error"
+    # Not written: the job left pending (the submission's answer was recorded
+    # meanwhile) or was submitted again with a new token.
+    return "recorded" if written else "moved_on"

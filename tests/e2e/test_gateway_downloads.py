@@ -19,6 +19,7 @@ from PIL import Image
 
 from schemas.events import utcnow
 from schemas.status import JobStatus as S
+from services.gateway.upsampler_webhook import record_callback
 from smi.jobtable import hash_token
 from smi.jobtable.table import new_download_token
 from tests.e2e.conftest import free_port, start_gateway
@@ -253,15 +254,30 @@ async def post_callback(http, url: str, body: dict | bytes, content_type: str = 
         return resp.status
 
 
+async def callbacks_recorded(http, gateway_url: str) -> dict[str, float]:
+    """The gateway's smi_gateway_callbacks_recorded_total, by result."""
+    async with http.get(f"{gateway_url}/metrics") as resp:
+        text = await resp.text()
+    return {result: float(n) for result, n in
+            re.findall(r'smi_gateway_callbacks_recorded_total\{result="(\w+)"\} (\S+)', text)}
+
+
+def grown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after.keys() | before.keys()
+            if after.get(k, 0) != before.get(k, 0)}
+
+
 async def test_an_upsampler_callback_is_published_with_the_job_id_its_token_names(downloads_gateway, table,
                                                                                    http, watcher):
     job, raw = await job_with_callback_token(table)
+    counted = await callbacks_recorded(http, downloads_gateway.url)
     body = callback_body(job_id=str(uuid.uuid4()))  # a job_id in the body does not choose the job
     assert await post_callback(http, f"{downloads_gateway.url}/webhooks/upsampler/{raw}", body) == 200
     [message] = await watcher.wait_for("upscaler.events", for_job(job.job_id))
     assert message.json() == {**body, "job_id": job.job_id}
     # Past pending, the submission's answer came first: nothing is written to the job.
     assert (await table.get(job.job_id)).callback_upscaler_id is None
+    assert grown(counted, await callbacks_recorded(http, downloads_gateway.url)) == {}
 
     async with http.get(f"{downloads_gateway.url}/metrics") as resp:
         metrics = await resp.text()
@@ -275,11 +291,28 @@ async def test_a_callback_for_a_pending_job_records_the_upscaler_id_it_names(dow
     upscaler id in the job, so that the processor adopts it even while the event is
     still queued. The job stays pending: the processor owns its transition."""
     job, raw = await job_with_callback_token(table, S.PENDING)
+    counted = await callbacks_recorded(http, downloads_gateway.url)
     body = callback_body(status="IN_PROGRESS")
     assert await post_callback(http, f"{downloads_gateway.url}/webhooks/upsampler/{raw}", body) == 200
     await watcher.wait_for("upscaler.events", for_job(job.job_id))
     recorded = await table.get(job.job_id)
     assert recorded.callback_upscaler_id == body["id"] and recorded.status is S.PENDING
+    assert grown(counted, await callbacks_recorded(http, downloads_gateway.url)) == {"recorded": 1}
+
+
+async def test_a_callback_whose_job_moved_on_since_it_was_read_records_nothing(table):
+    """Between the gateway's read and its write the job was submitted again (a new
+    token): the callback of the old submission must not name the new one's upscale."""
+    job, raw = await job_with_callback_token(table, S.PENDING)
+    as_read = await table.get(job.job_id)
+    await table.update(job.job_id, {"callback_token_hash": hash_token(secrets.token_urlsafe(32))})
+    # As the gateway passes it: the body plus the job id its token names.
+    event = {**callback_body(status="IN_PROGRESS"), "job_id": job.job_id}
+    assert await record_callback(table, as_read, event) == "moved_on"
+    assert (await table.get(job.job_id)).callback_upscaler_id is None
+    event = {**callback_body(id="up-new", status="IN_PROGRESS"), "job_id": job.job_id}
+    assert await record_callback(table, await table.get(job.job_id), event) == "recorded"
+    assert (await table.get(job.job_id)).callback_upscaler_id == "up-new"
 
 
 async def test_a_callback_the_processor_cannot_read_is_published_but_not_recorded(downloads_gateway, table, http,
@@ -287,10 +320,12 @@ async def test_a_callback_the_processor_cannot_read_is_published_but_not_recorde
     """A body with no status is published (the processor dead-letters it with the
     reason) but names no upscale the processor could adopt."""
     job, raw = await job_with_callback_token(table, S.PENDING)
+    counted = await callbacks_recorded(http, downloads_gateway.url)
     body = {"id": f"up-{uuid.uuid4().hex[:12]}"}
     assert await post_callback(http, f"{downloads_gateway.url}/webhooks/upsampler/{raw}", body) == 200
     await watcher.wait_for("upscaler.events", for_job(job.job_id))
     assert (await table.get(job.job_id)).callback_upscaler_id is None
+    assert grown(counted, await callbacks_recorded(http, downloads_gateway.url)) == {"unreadable": 1}
 
 
 async def test_bad_upsampler_callbacks_get_4xx_and_publish_nothing(downloads_gateway, table, http, watcher):

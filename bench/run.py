@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from bench import baselines, table
@@ -308,10 +308,14 @@ async def callback_counts(gateway_url: str) -> dict[str, Any]:
     gateway process: its /metrics counts only its own)."""
     async with aiohttp.ClientSession() as http, http.get(f"{gateway_url}/metrics") as resp:
         text = await resp.text()
-    found_pending = {result: float(n) for result, n in
-                     re.findall(r'smi_gateway_callbacks_recorded_total\{result="(\w+)"\} (\S+)', text)}
-    published = re.search(r'smi_gateway_webhooks_total\{outcome="published",source="upsampler"\} (\S+)', text)
-    return {"published": float(published.group(1)) if published else 0.0, "found_pending": found_pending}
+    counts: dict[str, Any] = {"published": 0.0, "found_pending": {}}
+    for sample in (s for family in text_string_to_metric_families(text) for s in family.samples):
+        if sample.name == "smi_gateway_callbacks_recorded_total":
+            counts["found_pending"][sample.labels["result"]] = sample.value
+        elif sample.name == "smi_gateway_webhooks_total" and sample.labels == {"source": "upsampler",
+                                                                               "outcome": "published"}:
+            counts["published"] = sample.value
+    return counts
 
 
 @asynccontextmanager

@@ -23,13 +23,14 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from schemas.events import UpscalerEvent
+from schemas.job import Job
 from schemas.requests import InvalidMessage, decode_json_object
 from schemas.status import JobStatus
 from schemas.topics import UPSCALER_EVENTS
 from services.gateway.context import CONTEXT
 from services.gateway.bodies import MAX_BODY_BYTES, BadBody, problem, read_body
 from services.gateway.webhooks import PUBLISH_TIMEOUT_SECONDS
-from smi.jobtable import hash_token
+from smi.jobtable import JobTable, hash_token
 
 log = logging.getLogger(__name__)
 CALLBACK_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # URL-safe base64 alphabet
@@ -80,7 +81,7 @@ async def upsampler_webhook(request: web.Request) -> web.Response:
     return web.json_response({"received": True})
 
 
-async def record_callback(table, job, event: dict[str, Any]) -> str:
+async def record_callback(table: JobTable, job: Job, event: dict[str, Any]) -> str:
     """Record the upscaler id the callback names in its pending job, only while the
     job is pending and holds the token this callback came with (a submission made
     since has a new token, and its own callback). Best effort: the event is in

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import secrets
 import uuid
 from contextlib import asynccontextmanager
@@ -16,6 +15,7 @@ from datetime import timedelta
 import aiohttp
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.events import utcnow
 from schemas.status import JobStatus as S
@@ -254,12 +254,18 @@ async def post_callback(http, url: str, body: dict | bytes, content_type: str = 
         return resp.status
 
 
-async def callbacks_recorded(http, gateway_url: str) -> dict[str, float]:
-    """The gateway's smi_gateway_callbacks_recorded_total, by result."""
+async def gateway_counts(http, gateway_url: str, name: str) -> dict[frozenset, float]:
+    """The samples of one counter of the gateway's /metrics, by their labels."""
     async with http.get(f"{gateway_url}/metrics") as resp:
         text = await resp.text()
-    return {result: float(n) for result, n in
-            re.findall(r'smi_gateway_callbacks_recorded_total\{result="(\w+)"\} (\S+)', text)}
+    return {frozenset(s.labels.items()): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples if s.name == name}
+
+
+async def callbacks_recorded(http, gateway_url: str) -> dict[str, float]:
+    """The gateway's smi_gateway_callbacks_recorded_total, by result."""
+    counts = await gateway_counts(http, gateway_url, "smi_gateway_callbacks_recorded_total")
+    return {dict(labels)["result"]: n for labels, n in counts.items()}
 
 
 def grown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -279,10 +285,8 @@ async def test_an_upsampler_callback_is_published_with_the_job_id_its_token_name
     assert (await table.get(job.job_id)).callback_upscaler_id is None
     assert grown(counted, await callbacks_recorded(http, downloads_gateway.url)) == {}
 
-    async with http.get(f"{downloads_gateway.url}/metrics") as resp:
-        metrics = await resp.text()
-    published = re.search(r'smi_gateway_webhooks_total\{outcome="published",source="upsampler"\} (\S+)', metrics)
-    assert published and float(published.group(1)) >= 1
+    webhooks = await gateway_counts(http, downloads_gateway.url, "smi_gateway_webhooks_total")
+    assert webhooks.get(frozenset({"source": "upsampler", "outcome": "published"}.items()), 0) >= 1
 
 
 async def test_a_callback_for_a_pending_job_records_the_upscaler_id_it_names(downloads_gateway, table, http,

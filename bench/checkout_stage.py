@@ -26,7 +26,7 @@ from bench.cpu import CpuWindow
 from bench.pipeline import Flow
 from bench.report import stage_figures
 from bench.system import EventWatch, SystemProcess
-from bench.table import namespace_keys, unlink
+from bench.table import unlink_namespace
 from schemas.topics import JOBS_AWAITING_PAYMENT, JOBS_DEAD_LETTER
 from smi.jobtable import connect
 from smi.kafka.producer import EventProducer
@@ -75,7 +75,7 @@ async def run(args: argparse.Namespace) -> dict:
             await stage.stop()
         await watch.stop()
         await delete_namespace(settings)
-        await unlink(redis, await namespace_keys(redis, redis_namespace))
+        await unlink_namespace(redis, redis_namespace)
         await redis.aclose()
 
 

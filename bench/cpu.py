@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import tempfile
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -28,6 +29,10 @@ PHASE_OWNERS = {
     "webhook_to_pending": "checkout",
     "pending_to_completed": "processor",
     "request_to_email": "notifier",
+    "alone_request_to_awaiting_payment": "checkout",
+    "alone_webhook_to_pending": "checkout",
+    "alone_pending_to_completed": "processor",
+    "alone_completed_to_email": "notifier",
 }
 SATURATED = 0.85  # of one core
 OUR_CODE = ("(services/", "(smi/", "(schemas/", "/services/", "/smi/", "/schemas/")
@@ -74,6 +79,12 @@ def system_processes(supervisor_pid: int, layout: Layout | None = None) -> dict[
         if stage:
             seen[stage] += 1
             found[Worker(stage, seen[stage]).label] = pid  # the supervisor's own names
+    return found | stack_processes(layout)
+
+
+def stack_processes(layout: Layout | None = None) -> dict[str, int]:
+    """name → pid of the stack's Kafka and Redis (those `smi stack` runs)."""
+    found: dict[str, int] = {}
     layout = layout or Layout.from_env()
     for component in ("kafka", "redis"):
         try:
@@ -219,3 +230,23 @@ def summarize(raw: str, *, top: int = 12) -> dict[str, list[tuple[str, float]]]:
     def share(counter: collections.Counter[str]) -> list[tuple[str, float]]:
         return [(frame, round(100 * n / total, 1)) for frame, n in counter.most_common(top)]
     return {"self": share(own), "ours_inclusive": share(inclusive)}
+
+
+@asynccontextmanager
+async def phase_watch(processes: dict[str, int], into: dict, profile: bool, phase: str):
+    """CPU use per process during a phase, the bottleneck it points at, and (with
+    --profile and py-spy) a profile of the stage that owns the phase."""
+    window = CpuWindow(processes).start()
+    owner = PHASE_OWNERS.get(phase)
+    profiler = await Profiler(processes[owner]).start() if profile and owner in processes else None
+    try:
+        yield
+    finally:
+        cores = window.stop()
+        into[phase] = entry = {"cores": cores, "machine_cores": window.machine,
+                               "seconds": round(window.seconds, 2),
+                               "bottleneck": bottleneck(phase, cores, window.machine)}
+        if profiler is not None:
+            summary = await profiler.stop()
+            if summary:
+                entry["profile"] = {"stage": owner, **summary}

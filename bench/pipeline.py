@@ -31,6 +31,12 @@ PAY_CONCURRENCY = 256
 PUBLISH_BATCH = 1000
 
 
+def phase_timeout(count: int, per_second: float) -> float:
+    """How long a phase may take: generous, so a slow stage shows as a low rate
+    rather than as a missing figure."""
+    return 120 + count / per_second
+
+
 @dataclass
 class Flow:
     """What one run needs to reach the system and what it has seen of it."""

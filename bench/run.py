@@ -20,12 +20,9 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 import uuid
-from contextlib import asynccontextmanager
 from functools import partial
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -36,13 +33,13 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from bench import baselines, table
-from bench.cpu import PHASE_OWNERS, CpuWindow, Profiler, bottleneck, cpu_per_item, py_spy, system_processes
-from bench.pipeline import PAY_CONCURRENCY, Flow
+from bench import alone, baselines, table
+from bench.cpu import cpu_per_item, phase_watch, py_spy, system_processes
+from bench.pipeline import PAY_CONCURRENCY, Flow, phase_timeout
 from bench.report import check_targets, ratio, render, stage_figures
-from bench.system import (EventWatch, ImageServer, MailSink, StageGroupsBusy, SystemProcess, free_port,
-                          require_idle_stage_groups, stage_group_members)
-from schemas.topics import JOBS_AWAITING_PAYMENT, JOBS_COMPLETED, JOBS_DEAD_LETTER, JOBS_FAILED, JOBS_PENDING
+from bench.system import (EventWatch, StageGroupsBusy, Surroundings, SystemProcess, require_idle_stage_groups,
+                          stage_group_members, surroundings)
+from schemas.topics import JOBS_AWAITING_PAYMENT, JOBS_COMPLETED, JOBS_FAILED, JOBS_PENDING
 from smi.jobtable import JobTable, connect
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
@@ -52,7 +49,7 @@ from smi.stages import FAUST_STAGES, STAGES
 from smi.supervisor import parse_workers
 
 BENCH_NAMESPACE = "bench."
-PARTS = ("baselines", "pipeline", "stripe", "table", "janitor")
+PARTS = ("baselines", "pipeline", "stages", "stripe", "table", "janitor")
 NOISE = ("one 2-core machine runs Kafka, Redis, five stage processes and the bench itself, and possibly a CI run "
          "on the same broker and Redis: the figures are noisy; compare runs, not single numbers")
 console = Console() if sys.stdout.isatty() else Console(width=160)  # piped: no 80-column wrapping
@@ -141,10 +138,11 @@ async def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         await ensure_topics(settings)
-        if {"pipeline", "stripe"} & set(args.parts):
+        if {"pipeline", "stages", "stripe"} & set(args.parts):
             await require_idle_stage_groups(settings.kafka_bootstrap_servers, settings.kafka_names)
         steps = {"baselines": lambda: measure_baselines(args, settings, redis, results),
                  "pipeline": lambda: measure_pipeline(args, settings, redis, run_id, results),
+                 "stages": lambda: alone.measure(args, settings, redis, run_id, results, say),
                  "stripe": lambda: measure_stripe_checkout(args, settings, redis, run_id, results),
                  "table": lambda: measure_table(args, redis, results),
                  "janitor": lambda: measure_janitor(settings, redis, results)}
@@ -202,44 +200,24 @@ async def measure_baselines(args, settings: Settings, redis, results: dict) -> N
     say(f"  redis-py Lua CAS, pipelines of 100: {cas['rate']:,.0f} ops/s")
 
 
-def _timeout(count: int, per_second: float) -> float:
-    """How long a phase may take: generous, so a slow stage shows as a low rate
-    rather than as a missing figure."""
-    return 120 + count / per_second
-
-
 async def measure_pipeline(args, settings: Settings, redis, run_id: str, results: dict) -> None:
-    namespace, port = f"bench{run_id}:", free_port()
-    gateway = f"http://127.0.0.1:{port}"
-    secret = f"whsec_bench_{uuid.uuid4().hex}"
-    storage = Path(tempfile.mkdtemp(prefix="smi-bench-storage-"))
-    images = await ImageServer().start()
-    sink = MailSink().start()
-    watch = await EventWatch(settings.kafka_bootstrap_servers, [
-        JOBS_AWAITING_PAYMENT.name, JOBS_PENDING.name, JOBS_COMPLETED.name, JOBS_FAILED.name,
-        JOBS_DEAD_LETTER.name], settings.kafka_names).start()
-    env = {"PAYMENTS": "local", "UPSCALER": args.upscaler, "REDIS_NAMESPACE": namespace,
-           "KAFKA_NAMESPACE": settings.kafka_namespace,
-           "URL_ALLOW_HOSTS": "127.0.0.1/32", "STRIPE_WEBHOOK_SECRET": secret, "GATEWAY_PORT": str(port),
-           "PUBLIC_BASE_URL": gateway, "METRICS_PORT": "0", "SMTP_URL": sink.url, "STORAGE_DIR": str(storage)}
-    upsampler = None
-    if args.upscaler == "upsampler":
-        # Test support, not a dependency of smi: the bench runs from a checkout.
-        from tests.support.fake_upsampler import DEFAULT_API_KEY, FakeUpsampler
+    namespace = f"bench{run_id}:"
+    async with surroundings(settings, namespace=namespace, upscaler=args.upscaler,
+                            on_exit=lambda: table.unlink_namespace(redis, namespace)) as around:
+        await _run_pipeline(args, settings, redis, run_id, results, around)
 
-        upsampler = await FakeUpsampler().start()
-        upsampler.script(latency=0.0)
-        env |= {"UPSAMPLER_API_KEY": DEFAULT_API_KEY, "UPSAMPLER_BASE_URL": upsampler.base_url}
+
+async def _run_pipeline(args, settings: Settings, redis, run_id: str, results: dict, around: Surroundings) -> None:
     workers = [f"--workers={stage}={n}" for stage, n in args.worker_counts.items()]
-    system = await SystemProcess("all", env, args.log, workers).start()
-    say(f"  `smi run all` started (pid {system.proc.pid}, namespace {namespace}, log {args.log})")
+    system = await SystemProcess("all", around.env, args.log, workers).start()
+    say(f"  `smi run all` started (pid {system.proc.pid}, namespace {around.namespace}, log {args.log})")
     stages, most_members = results["stages"], {}
     expected = {stage: args.worker_counts.get(stage, 1) for stage in FAUST_STAGES}
     members = asyncio.create_task(watch_group_members(settings, most_members))
     try:
         async with EventProducer.from_settings(settings, client_id="smi-bench") as producer:
-            flow = Flow(run_id, images.image_url, gateway, secret, producer, watch, sink,
-                        pay_concurrency=args.pay_concurrency)
+            flow = Flow(run_id, around.images.image_url, around.gateway, around.secret, producer, around.watch,
+                        around.sink, pay_concurrency=args.pay_concurrency)
             await warm_up(flow, system)
             # Every worker in its group before anything is timed: a late one would
             # rebalance the stage in the middle of a phase.
@@ -247,7 +225,7 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
 
             sent = await flow.publish_paced(flow.requests(args.paced_jobs, "paced"), per_second=1000)
             stages["paced_request_to_awaiting_payment"] = figures = await flow.until_awaiting_payment(
-                sent, _timeout(len(sent), 50))
+                sent, phase_timeout(len(sent), 50))
             say(f"  paced 1,000/s: p99 {figures['latency_ms']['p99']} ms")
 
             processes = system_processes(system.proc.pid)
@@ -255,7 +233,7 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
             async with watch_phase("request_to_awaiting_payment"):
                 sent = await flow.publish(flow.requests(args.jobs, "burst"))
                 stages["request_to_awaiting_payment"] = figures = await flow.until_awaiting_payment(
-                    sent, _timeout(len(sent), 50))
+                    sent, phase_timeout(len(sent), 50))
             say(f"  burst: {figures['count']:,} awaiting_payment at {figures['rate']} /s")
             job_ids = [flow.watch.by_request[r][1]["job_id"] for r in sent if r in flow.watch.by_request]
 
@@ -265,15 +243,15 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
                 if refused:
                     results["errors"].append(f"webhooks not acknowledged: {dict(refused)}")
                 paid = list(acked_at)
-                pending = await flow.until(JOBS_PENDING.name, paid, _timeout(len(paid), 50))
+                pending = await flow.until(JOBS_PENDING.name, paid, phase_timeout(len(paid), 50))
             stages["webhook_to_pending"] = figures = stage_figures(sent_at, pending, args.jobs)
             say(f"  webhooks: {figures['count']:,} pending at {figures['rate']} /s")
             async with watch_phase("pending_to_completed"):
-                completed = await flow.until(JOBS_COMPLETED.name, list(pending), _timeout(len(pending), 10))
+                completed = await flow.until(JOBS_COMPLETED.name, list(pending), phase_timeout(len(pending), 10))
             stages["pending_to_completed"] = figures = stage_figures(pending, completed, args.jobs)
             say(f"  processor: {figures['count']:,} completed at {figures['rate']} /s")
             async with watch_phase("request_to_email"):
-                emails = await flow.until_emailed(list(completed), _timeout(len(completed), 10))
+                emails = await flow.until_emailed(list(completed), phase_timeout(len(completed), 10))
             stages["request_to_email"] = figures = stage_figures(
                 flow.job_requested, emails, args.jobs, since=min(completed.values(), default=None))
             say(f"  notifier: {figures['count']:,} emails at {figures['rate']} /s")
@@ -285,21 +263,14 @@ async def measure_pipeline(args, settings: Settings, redis, run_id: str, results
             if dead:
                 results["errors"].append(f"{len(dead)} dead letters, e.g. {dead[0].get('error')}")
             if args.upscaler == "upsampler" and args.worker_counts.get("gateway", 1) == 1:
-                results["upsampler_callbacks"] = counts = await callback_counts(gateway)
+                results["upsampler_callbacks"] = counts = await callback_counts(around.gateway)
                 say(f"  gateway: Upsampler callbacks {counts}")
-            job_table = JobTable(redis, shards=settings.redis_shards, namespace=namespace)
+            job_table = JobTable(redis, shards=settings.redis_shards, namespace=around.namespace)
             results["redis"]["live_job_keys_bytes"] = await table.live_job_bytes(redis, job_table, list(emails)[:200])
     finally:
         members.cancel()
         foreign_members_note(most_members, expected, results)
         await system.stop()
-        await watch.stop()
-        sink.stop()
-        await images.stop()
-        if upsampler is not None:
-            await upsampler.stop()
-        shutil.rmtree(storage, ignore_errors=True)
-        await table.unlink(redis, await table.namespace_keys(redis, namespace))
 
 
 async def callback_counts(gateway_url: str) -> dict[str, Any]:
@@ -316,26 +287,6 @@ async def callback_counts(gateway_url: str) -> dict[str, Any]:
                                                                                "outcome": "published"}:
             counts["published"] = sample.value
     return counts
-
-
-@asynccontextmanager
-async def phase_watch(processes: dict[str, int], into: dict, profile: bool, phase: str):
-    """CPU use per process during a phase, the bottleneck it points at, and (with
-    --profile and py-spy) a profile of the stage that owns the phase."""
-    window = CpuWindow(processes).start()
-    owner = PHASE_OWNERS.get(phase)
-    profiler = await Profiler(processes[owner]).start() if profile and owner in processes else None
-    try:
-        yield
-    finally:
-        cores = window.stop()
-        into[phase] = entry = {"cores": cores, "machine_cores": window.machine,
-                               "seconds": round(window.seconds, 2),
-                               "bottleneck": bottleneck(phase, cores, window.machine)}
-        if profiler is not None:
-            summary = await profiler.stop()
-            if summary:
-                entry["profile"] = {"stage": owner, **summary}
 
 
 async def warm_up(flow: Flow, system: SystemProcess, timeout: float = 300) -> None:
@@ -404,12 +355,12 @@ async def measure_stripe_checkout(args, settings: Settings, redis, run_id: str, 
                 raise RuntimeError(f"checkout did not come up (alive: {system.alive}); see {args.log}")
             sent = await flow.publish(flow.requests(args.stripe_jobs, "stripe"))
             results["stages"]["stripe_request_to_awaiting_payment"] = figures = await flow.until_awaiting_payment(
-                sent, _timeout(len(sent), 20))
+                sent, phase_timeout(len(sent), 20))
             say(f"  stripe-mock: {figures['count']:,} checkout sessions at {figures['rate']} /s")
     finally:
         await system.stop()
         await watch.stop()
-        await table.unlink(redis, await table.namespace_keys(redis, namespace))
+        await table.unlink_namespace(redis, namespace)
 
 
 async def measure_table(args, redis, results: dict) -> None:

@@ -13,9 +13,14 @@ import re
 import signal
 import socket
 import sys
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -23,8 +28,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiosmtpd.controller import Controller
 from PIL import Image
 
+from schemas.topics import JOBS_AWAITING_PAYMENT, JOBS_COMPLETED, JOBS_DEAD_LETTER, JOBS_FAILED, JOBS_PENDING
 from smi.kafka.names import DEFAULT, KafkaNames
 from smi.ops.lag import STAGE_SOURCE_TOPICS, sample
+from smi.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_SECONDS = 60
@@ -240,3 +247,57 @@ class EventWatch:
                 pass
         if self._consumer:
             await self._consumer.stop()
+
+
+@dataclass
+class Surroundings:
+    """What the system under test is run with: the environment of its stages (its
+    own REDIS_NAMESPACE and STORAGE_DIR, PAYMENTS=local, the gateway's port and
+    webhook secret), the image server, the mail sink and the watcher."""
+    namespace: str  # REDIS_NAMESPACE
+    gateway: str  # the gateway's base URL
+    secret: str  # STRIPE_WEBHOOK_SECRET
+    env: dict[str, str]
+    images: ImageServer
+    sink: MailSink
+    watch: EventWatch
+
+
+@asynccontextmanager
+async def surroundings(settings: Settings, *, namespace: str, upscaler: str,
+                       on_exit=None) -> AsyncIterator[Surroundings]:
+    """Starts what a run needs around the system and takes it all down afterwards
+    (``on_exit``, awaited last: e.g. deleting the namespace's Redis keys). With
+    ``upscaler="upsampler"``, the fake Upsampler server of tests/support, answering
+    at once, its callbacks through the gateway."""
+    port = free_port()
+    gateway, secret = f"http://127.0.0.1:{port}", f"whsec_bench_{uuid.uuid4().hex}"
+    storage = Path(tempfile.mkdtemp(prefix="smi-bench-storage-"))
+    images = await ImageServer().start()
+    sink = MailSink().start()
+    watch = await EventWatch(settings.kafka_bootstrap_servers, [
+        JOBS_AWAITING_PAYMENT.name, JOBS_PENDING.name, JOBS_COMPLETED.name, JOBS_FAILED.name,
+        JOBS_DEAD_LETTER.name], settings.kafka_names).start()
+    env = {"PAYMENTS": "local", "UPSCALER": upscaler, "REDIS_NAMESPACE": namespace,
+           "KAFKA_NAMESPACE": settings.kafka_namespace,
+           "URL_ALLOW_HOSTS": "127.0.0.1/32", "STRIPE_WEBHOOK_SECRET": secret, "GATEWAY_PORT": str(port),
+           "PUBLIC_BASE_URL": gateway, "METRICS_PORT": "0", "SMTP_URL": sink.url, "STORAGE_DIR": str(storage)}
+    upsampler = None
+    try:
+        if upscaler == "upsampler":
+            # Test support, not a dependency of smi: the bench runs from a checkout.
+            from tests.support.fake_upsampler import DEFAULT_API_KEY, FakeUpsampler
+
+            upsampler = await FakeUpsampler().start()
+            upsampler.script(latency=0.0)
+            env |= {"UPSAMPLER_API_KEY": DEFAULT_API_KEY, "UPSAMPLER_BASE_URL": upsampler.base_url}
+        yield Surroundings(namespace, gateway, secret, env, images, sink, watch)
+    finally:
+        await watch.stop()
+        sink.stop()
+        await images.stop()
+        if upsampler is not None:
+            await upsampler.stop()
+        shutil.rmtree(storage, ignore_errors=True)
+        if on_exit is not None:
+            await on_exit()

@@ -106,6 +106,11 @@ async def unlink(redis, keys: Iterable[bytes | str]) -> None:
         await redis.unlink(*keys[start:start + 10_000])
 
 
+async def unlink_namespace(redis, namespace: str) -> None:
+    """Deletes every key of a scratch namespace."""
+    await unlink(redis, await namespace_keys(redis, namespace))
+
+
 async def table_at_size(redis, size: int, *, probes: int = 2000, progress: Callable[[str], None] = print) -> dict:
     """Bytes per job and transition rate in a table of ``size`` completed jobs."""
     namespace = f"benchmem{uuid.uuid4().hex[:8]}:"
@@ -140,7 +145,7 @@ async def table_at_size(redis, size: int, *, probes: int = 2000, progress: Calla
                 "build_seconds": round(build_seconds, 1), "build_rate": round(size / build_seconds),
                 "transition_rate": round(probes / transition_seconds), "transition_probes": probes}
     finally:
-        await unlink(redis, await namespace_keys(redis, namespace))
+        await unlink_namespace(redis, namespace)
 
 
 async def live_job_bytes(redis, table: JobTable, job_ids: Sequence[str]) -> dict[str, int] | None:
@@ -187,6 +192,6 @@ async def janitor_pass(redis, redis_url: str) -> dict:
             await client.aclose()
         finally:
             await scale.drop_namespace(table, job_ids)
-            await unlink(redis, await namespace_keys(redis, namespace))
+            await unlink_namespace(redis, namespace)
     return {"jobs": scale.TOTAL_JOBS, "due": due_count, "handled": handled.total(), "seconds": round(seconds, 4),
             "commands": commands, "build_seconds": round(build_seconds, 1)}

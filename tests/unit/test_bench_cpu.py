@@ -148,6 +148,22 @@ def test_the_report_shows_each_phase_bottleneck_and_profile():
     assert "40% on_pending" in text
 
 
+def test_the_report_shows_the_frames_under_how_a_stage_was_started():
+    # `smi run processor` (the stages-alone part) puts smi/cli.py's frames on top.
+    entry = ["main (smi/cli.py:439)", "cmd_run (smi/cli.py:79)", "<module> (smi/cli.py:443)",
+             "run_stage (smi/stages.py:55)", "settle (smi/kafka/handling.py:273)"]
+    results = {"bottlenecks": {"alone_pending_to_completed": {
+        "cores": {"processor": 1.2}, "bottleneck": "processor is CPU-bound (1.20 of one core)",
+        "profile": {"stage": "processor", "ours_inclusive": [(frame, 54.0) for frame in entry]
+                    + [("Processor.on_pending (services/processor/handlers.py:123)", 31.0)]}}}}
+    console = Console(width=250, record=True)
+    for part in render(results):
+        console.print(part)
+    text = console.export_text()
+    assert "processor alone: pending → completed" in text and "31% Processor.on_pending" in text
+    assert not any(name in text for name in ("cmd_run", "run_stage", "settle", "54%"))
+
+
 def test_cpu_per_item_is_cores_times_seconds_over_items():
     entry = {"cores": {"checkout": 0.5, "redis": 0.1}, "seconds": 4.0}
     assert cpu_per_item(entry, 1000) == {"checkout": 2.0, "redis": 0.4}

@@ -8,7 +8,8 @@ Starts `smi run all` itself (PAYMENTS=local, UPSCALER=local, or
 with `--upscaler upsampler` the Upsampler backend against the fake Upsampler
 server answering at once, its callbacks through the gateway; its own
 REDIS_NAMESPACE, an 8×8 input image, its own SMTP sink), measures, stops
-it, and then `smi run checkout` with PAYMENTS=stripe against stripe-mock. Writes
+it; then runs each stage alone (bench/alone.py), and `smi run checkout` with
+PAYMENTS=stripe against stripe-mock. Writes
 every figure to a JSON file (default var/bench/<UTC time>.json) and prints tables;
 a figure that misses a target of issue 7 is marked MISSED. Nothing is tuned."""
 

@@ -79,8 +79,8 @@ def build_parser(prog: str = "python -m bench.run") -> argparse.ArgumentParser:
                         help="also measure a table of 1,000,000 jobs (~5 GB of Redis and its AOF, ~30 min)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"what to measure (default {','.join(PARTS)})")
     parser.add_argument("--workers", action="append", default=[], metavar="STAGE=N",
-                        help="more processes of a stage in the system measured, as `smi run all "
-                             "--workers` (e.g. checkout=2 or gateway=2)")
+                        help="more processes of a stage in the pipeline part, as `smi run all --workers` "
+                             "(e.g. checkout=2 or gateway=2); each stage alone runs one")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the py-spy profile of each phase's stage (CPU per process is still measured)")
     return parser

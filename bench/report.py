@@ -161,6 +161,17 @@ def stages_table(stages: Mapping[str, Mapping[str, Any]]) -> Table:
     return table
 
 
+def slowest_alone(stages: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Which stage, measured alone (bench/alone.py), drains the fewest jobs a
+    second: the most the whole pipeline can do here, whatever the other stages do."""
+    rates = {name: s["rate"] for name, s in stages.items() if name.startswith("alone_") and s.get("rate")}
+    if not rates:
+        return None
+    name = min(rates, key=rates.__getitem__)
+    return (f"{STAGE_LABELS.get(name, name)} at {number(rates[name])}/s: the slowest stage alone, "
+            f"the most the pipeline can move through it on this machine")
+
+
 def baselines_table(baselines: Mapping[str, Mapping[str, Any]]) -> Table:
     table = Table(title="Baselines (same broker and Redis)")
     for column in ("baseline", "count", "seconds", "rate /s"):
@@ -234,6 +245,8 @@ def render(results: Mapping[str, Any]) -> list[Any]:
     parts: list[Any] = []
     if results.get("stages"):
         parts.append(stages_table(results["stages"]))
+        if slowest := slowest_alone(results["stages"]):
+            parts.append(Text(slowest, style="bold"))
     if results.get("bottlenecks"):
         parts.append(bottlenecks_table(results["bottlenecks"]))
     if results.get("baselines"):

@@ -6,7 +6,7 @@ import pytest
 from rich.console import Console
 
 from bench.report import (Target, check_targets, latency_summary, lookup, percentile, rate_figures, ratio, render,
-                          stage_figures)
+                          slowest_alone, stage_figures)
 
 
 def test_percentile_interpolates_between_closest_ranks():
@@ -118,3 +118,14 @@ def test_render_shows_figures_and_marks_missed_targets():
     assert "4,000" in text and "10,000" in text and "624" in text
     assert "MISSED" in text and "met" in text
     assert "cores 2" in text and "note: noisy" in text
+
+
+def test_the_slowest_stage_alone_is_named_and_the_pipeline_phases_do_not_count():
+    stages = {"pending_to_completed": {"rate": 400.0},  # the pipeline's: shares the cores, not a capacity
+              "alone_request_to_awaiting_payment": {"rate": 2600.0},
+              "alone_pending_to_completed": {"rate": 875.4},
+              "alone_completed_to_email": {"rate": 1300.0},
+              "alone_webhook_to_pending": {"rate": None}}  # not measured: no rate
+    assert slowest_alone(stages) == ("processor alone: pending → completed at 875/s: the slowest stage alone, "
+                                     "the most the pipeline can move through it on this machine")
+    assert slowest_alone({"pending_to_completed": {"rate": 400.0}}) is None

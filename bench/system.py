@@ -1,7 +1,8 @@
 """The system under test and what the bench runs beside it: `smi run all` as a
 subprocess (its output to a log file), a server of one tiny PNG (so the local
 upscaler costs next to nothing), an SMTP sink that notes when each download-ready
-email arrives, and a group-less watcher of the status topics."""
+email arrives, and a group-less watcher of the status topics; ``surroundings``
+starts the last three and the environment a run's stages get."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import json
 import os
 import re
 import signal
+import shutil
 import socket
 import sys
-import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,7 +266,7 @@ class Surroundings:
 
 @asynccontextmanager
 async def surroundings(settings: Settings, *, namespace: str, upscaler: str,
-                       on_exit=None) -> AsyncIterator[Surroundings]:
+                       on_exit: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Surroundings]:
     """Starts what a run needs around the system and takes it all down afterwards
     (``on_exit``, awaited last: e.g. deleting the namespace's Redis keys). With
     ``upscaler="upsampler"``, the fake Upsampler server of tests/support, answering

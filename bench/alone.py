@@ -22,16 +22,15 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
-import aiohttp
-
 from bench import table
 from bench.cpu import phase_watch, stack_processes
 from bench.pipeline import Flow, phase_timeout
 from bench.report import latency_summary, stage_figures
 from bench.system import Surroundings, SystemProcess, surroundings
-from schemas.topics import JOBS_COMPLETED, JOBS_FAILED, JOBS_PENDING
+from schemas.topics import JOBS_COMPLETED, JOBS_PENDING
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
+from smi.stack.probes import http_ok
 
 START_TIMEOUT = 180.0  # a stage's start: joining its group, on a busy broker
 
@@ -94,11 +93,7 @@ async def measure(args, settings: Settings, redis, run_id: str, results: dict, s
         stages["alone_completed_to_email"] = figures = _drained(completed, emails, len(job_ids))
         say(f"  notifier alone: {figures['count']:,} emails at {figures['rate']} /s")
 
-        failed = flow.watch.times(JOBS_FAILED.name, job_ids)
-        if failed:
-            results["errors"].append(f"stages alone: {len(failed)} jobs failed")
-        if dead := flow.dead_letters():
-            results["errors"].append(f"stages alone: {len(dead)} dead letters, e.g. {dead[0].get('error')}")
+        results["errors"] += [f"stages alone: {problem}" for problem in flow.problems(job_ids)]
 
 
 def _drained(starts: Mapping[str, float], ends: Mapping[str, float], expected: int) -> dict[str, Any]:
@@ -116,17 +111,10 @@ async def _first(flow: Flow, seen: Callable[[], bool], what: str, running: Mappi
 async def _until_healthy(around: Surroundings, running: Mapping[str, SystemProcess]) -> None:
     """The gateway answers /healthz: before it does, a webhook is refused, not timed."""
     deadline = time.monotonic() + START_TIMEOUT
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-        while True:
-            try:
-                async with http.get(f"{around.gateway}/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway did not come up (alive: {_alive(running)}); see the system log")
-            await asyncio.sleep(0.2)
+    while not await http_ok(f"{around.gateway}/healthz", {}):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the gateway did not come up (alive: {_alive(running)}); see the system log")
+        await asyncio.sleep(0.2)
 
 
 def _alive(running: Mapping[str, SystemProcess]) -> Sequence[str]:

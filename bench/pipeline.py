@@ -19,7 +19,7 @@ import aiohttp
 
 from bench.report import stage_figures
 from bench.system import EventWatch, MailSink
-from schemas.topics import JOBS_REQUESTED
+from schemas.topics import JOBS_FAILED, JOBS_REQUESTED
 from smi.kafka.producer import EventProducer
 from smi.payments import local_id
 from smi.stripe_webhooks import checkout_session_event, encode, sign
@@ -137,6 +137,15 @@ class Flow:
                               timeout=timeout, what="download-ready emails")
         emails = self.sink.emails()
         return {j: emails[j] for j in job_ids if j in emails}
+
+    def problems(self, job_ids: Sequence[str]) -> list[str]:
+        """What went wrong with these jobs: failed ones and this run's dead letters."""
+        found = []
+        if failed := self.watch.times(JOBS_FAILED.name, job_ids):
+            found.append(f"{len(failed)} jobs failed")
+        if dead := self.dead_letters():
+            found.append(f"{len(dead)} dead letters, e.g. {dead[0].get('error')}")
+        return found
 
     def dead_letters(self) -> list[dict]:
         """Dead letters about this run's requests or jobs."""

@@ -40,7 +40,7 @@ from bench.pipeline import PAY_CONCURRENCY, Flow, phase_timeout
 from bench.report import check_targets, ratio, render, stage_figures
 from bench.system import (EventWatch, StageGroupsBusy, Surroundings, SystemProcess, require_idle_stage_groups,
                           stage_group_members, surroundings)
-from schemas.topics import JOBS_AWAITING_PAYMENT, JOBS_COMPLETED, JOBS_FAILED, JOBS_PENDING
+from schemas.topics import JOBS_AWAITING_PAYMENT, JOBS_COMPLETED, JOBS_PENDING
 from smi.jobtable import JobTable, connect
 from smi.kafka.producer import EventProducer
 from smi.settings import Settings
@@ -257,12 +257,7 @@ async def _run_pipeline(args, settings: Settings, redis, run_id: str, results: d
                 flow.job_requested, emails, args.jobs, since=min(completed.values(), default=None))
             say(f"  notifier: {figures['count']:,} emails at {figures['rate']} /s")
 
-            failed = flow.watch.times(JOBS_FAILED.name, job_ids)
-            dead = flow.dead_letters()
-            if failed:
-                results["errors"].append(f"{len(failed)} jobs failed")
-            if dead:
-                results["errors"].append(f"{len(dead)} dead letters, e.g. {dead[0].get('error')}")
+            results["errors"] += flow.problems(job_ids)
             if args.upscaler == "upsampler" and args.worker_counts.get("gateway", 1) == 1:
                 results["upsampler_callbacks"] = counts = await callback_counts(around.gateway)
                 say(f"  gateway: Upsampler callbacks {counts}")
